@@ -1,0 +1,13 @@
+"""attrprims: fast, composable primitives for training-data attribution.
+
+Primitives take and return torch tensors and run compiled C++ (CPU) or CUDA kernels; methods and metrics
+are composed from them. `build_info()` says what was built, `cuda_available()` whether CUDA kernels can run.
+"""
+
+from ._backend import CudaStatus, build_info, cuda_available
+from ._core import build_info as _core_info
+from .projection import Projector, project, project_transpose
+
+__version__ = _core_info["version"]
+
+__all__ = ["CudaStatus", "Projector", "__version__", "build_info", "cuda_available", "project", "project_transpose"]

@@ -1,0 +1,69 @@
+"""Load the compiled modules and say which devices can run attrprims kernels, and why not.
+
+`_core` (CPU) is required. `_cuda` is optional: when it is missing or cannot run, CUDA tensors given to an
+op raise an error with the reason; nothing falls back silently to the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import NamedTuple
+
+import torch
+
+from . import _core
+
+try:
+    _cuda = importlib.import_module(f"{__package__}._cuda")
+except ImportError as error:  # not built, or built but unloadable
+    _cuda = None
+    _CUDA_IMPORT_ERROR: ImportError | None = error
+else:
+    _CUDA_IMPORT_ERROR = None
+
+
+class CudaStatus(NamedTuple):
+    """Whether CUDA kernels can run here; truthy when they can. `reason` says why not (or what was found)."""
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> CudaStatus:
+    """Report whether attrprims' CUDA kernels can run in this process, with the reason when they cannot."""
+    if _cuda is None:
+        if isinstance(_CUDA_IMPORT_ERROR, ModuleNotFoundError):
+            return CudaStatus(False, "attrprims was built without CUDA (no nvcc at build time, or ATTRPRIMS_CUDA=OFF)")
+        return CudaStatus(False, f"the _cuda module failed to load: {_CUDA_IMPORT_ERROR}")
+    count, runtime_error = _cuda.device_count()
+    if count == 0:
+        return CudaStatus(False, f"no usable CUDA device or driver: {runtime_error}")
+    if not torch.cuda.is_available():
+        return CudaStatus(False, f"torch {torch.__version__} cannot use CUDA (torch.version.cuda={torch.version.cuda})")
+    return CudaStatus(True, f"{count} CUDA device(s)")
+
+
+def cuda_module(name: str, device: torch.device):
+    """Return `_cuda` for a tensor `name` on `device`, or raise RuntimeError saying why it cannot run."""
+    status = cuda_available()
+    if not status:
+        raise RuntimeError(f"{name}: is on {device} but attrprims' CUDA kernels cannot run here: {status.reason}")
+    return _cuda
+
+
+def build_info() -> dict:
+    """Describe the build: version, C++ compiler, CPU kernel ISA, CUDA on/off with its compiler and archs."""
+    info = dict(_core.build_info)
+    info["torch"] = torch.__version__
+    if _cuda is None:
+        info["cuda"] = False
+    else:
+        info["cuda"] = True
+        info.update({f"cuda_{key}": value for key, value in _cuda.build_info.items()})
+    info["cuda_available"] = cuda_available().reason
+    return info

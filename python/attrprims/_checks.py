@@ -1,0 +1,54 @@
+"""Argument validation for the public wrappers: every error names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+UINT64_MAX = 2**64 - 1
+
+
+def check_matrix(name: str, t, dims: str, dtypes=FLOAT_INPUTS) -> None:
+    """Require a 2-D tensor of one of `dtypes`; `dims` names the dimensions for the message, e.g. "[n, c]"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {dims}, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected shape {dims}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """Require a Python or NumPy integer (not bool) with low <= value (<= high)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an integer {bound}, got {value}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """Seeds are unsigned 64-bit integers."""
+    return check_int("seed", seed, 0, UINT64_MAX)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if `t` holds NaN or Inf, naming the first offending position."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, found {t[row, col].item()} at [{row}, {col}]")
+
+
+def check_out(out, shape: tuple[int, int], device: torch.device, dims: str) -> None:
+    """`out` must be float32, of `shape`, on `device`, with a contiguous last dimension."""
+    check_matrix("out", out, dims, (torch.float32,))
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out: expected shape {list(shape)} {dims}, got {list(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out: expected device {device} (that of the input), got {out.device}")
+    if shape[1] > 1 and out.stride(1) != 1:
+        raise ValueError(f"out: expected a contiguous last dimension (stride 1), got strides {list(out.stride())}")

@@ -1,0 +1,54 @@
+// attrprims._core: pybind11 bindings of the CPU kernels (pointers cross as integers; no torch here).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <thread>
+
+#include "attrprims/projection_cpu.h"
+#include "projection_bindings.h"
+
+namespace py = pybind11;
+using namespace attrprims;
+
+namespace {
+
+/// Philox-4x32-10 on each row of counters [N, 4] with one key: the RNG under test, bit for bit.
+py::array_t<uint32_t> philox(py::array_t<uint32_t, py::array::c_style | py::array::forcecast> counters,
+                             uint64_t key) {
+  AP_CHECK(counters.ndim() == 2 && counters.shape(1) == 4, "counters",
+           "expected shape [N, 4] of uint32");
+  const auto n = counters.shape(0);
+  py::array_t<uint32_t> out({n, py::ssize_t{4}});
+  const uint32_t* src = counters.data();
+  uint32_t* dst = out.mutable_data();
+  for (py::ssize_t i = 0; i < n; ++i) {
+    const U32x4 r = philox4x32_10(U32x4{{src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]}}, key);
+    for (int j = 0; j < 4; ++j) dst[4 * i + j] = r.v[j];
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "attrprims CPU kernels over raw pointers";
+
+  bind_projection_types(m);
+
+  auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("project_cpu", &project_cpu, py::arg("args"), no_gil, "out [n, k] = in [n, c] @ P[offset:offset+c]");
+  m.def("project_transpose_cpu", &project_transpose_cpu, py::arg("args"), no_gil,
+        "out [n, c] = in [n, k] @ P[offset:offset+c]^T");
+  m.def("materialize_cpu", &materialize_cpu, py::arg("args"), no_gil, "out [c, k] = P[offset:offset+c]");
+  m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
+        "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
+
+  py::dict info;
+  info["version"] = ATTRPRIMS_VERSION;
+  info["cxx_compiler"] = ATTRPRIMS_CXX_COMPILER;
+  info["build_type"] = ATTRPRIMS_BUILD_TYPE;
+  info["cpu_kernels"] = cpu_kernels_isa();
+  info["hardware_threads"] = std::thread::hardware_concurrency();
+  m.attr("build_info") = info;
+}

@@ -1,0 +1,59 @@
+// pybind11 bindings of the projection argument types, shared by _core and _cuda (module-local per module).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "attrprims/projection.h"
+
+namespace attrprims {
+
+/// Register DType, Kind, ProjectionSpec, ProjectArgs and MaterializeArgs on `m`; pointers are integers.
+inline void bind_projection_types(pybind11::module_& m) {
+  namespace py = pybind11;
+  using ptr = std::uintptr_t;
+  py::enum_<DType>(m, "DType", py::module_local()).value("f32", DType::f32).value("f16", DType::f16).value("bf16", DType::bf16);
+  py::enum_<Kind>(m, "Kind", py::module_local())
+      .value("rademacher", Kind::rademacher)
+      .value("gaussian", Kind::gaussian)
+      .value("sjlt", Kind::sjlt);
+
+  py::class_<ProjectionSpec>(m, "ProjectionSpec", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("seed", &ProjectionSpec::seed)
+      .def_readwrite("kind", &ProjectionSpec::kind)
+      .def_readwrite("k", &ProjectionSpec::k)
+      .def_readwrite("s", &ProjectionSpec::s);
+
+  py::class_<ProjectArgs>(m, "ProjectArgs", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("spec", &ProjectArgs::spec)
+      .def_readwrite("n", &ProjectArgs::n)
+      .def_readwrite("c", &ProjectArgs::c)
+      .def_readwrite("offset", &ProjectArgs::offset)
+      .def_property(
+          "in_ptr", [](const ProjectArgs& a) { return reinterpret_cast<ptr>(a.in); },
+          [](ProjectArgs& a, ptr p) { a.in = reinterpret_cast<const void*>(p); })
+      .def_readwrite("in_dtype", &ProjectArgs::in_dtype)
+      .def_readwrite("in_row_stride", &ProjectArgs::in_row_stride)
+      .def_property(
+          "out_ptr", [](const ProjectArgs& a) { return reinterpret_cast<ptr>(a.out); },
+          [](ProjectArgs& a, ptr p) { a.out = reinterpret_cast<float*>(p); })
+      .def_readwrite("out_row_stride", &ProjectArgs::out_row_stride)
+      .def_readwrite("accumulate", &ProjectArgs::accumulate)
+      .def_readwrite("num_threads", &ProjectArgs::num_threads);
+
+  py::class_<MaterializeArgs>(m, "MaterializeArgs", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("spec", &MaterializeArgs::spec)
+      .def_readwrite("offset", &MaterializeArgs::offset)
+      .def_readwrite("c", &MaterializeArgs::c)
+      .def_property(
+          "out_ptr", [](const MaterializeArgs& a) { return reinterpret_cast<ptr>(a.out); },
+          [](MaterializeArgs& a, ptr p) { a.out = reinterpret_cast<float*>(p); })
+      .def_readwrite("out_row_stride", &MaterializeArgs::out_row_stride)
+      .def_readwrite("num_threads", &MaterializeArgs::num_threads);
+}
+
+}  // namespace attrprims

@@ -1,0 +1,103 @@
+// CPU projection: argument checks, choice of instruction set, and the split of work over threads.
+#include "attrprims/projection_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel_cpu.h"
+#include "projection_cpu_kernels.h"
+
+namespace attrprims {
+namespace {
+
+const CpuKernelTable& kernels() {
+#if defined(ATTRPRIMS_HAVE_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return kCpuKernelsAvx2;
+#endif
+  return kCpuKernelsGeneric;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_args(const ProjectArgs& a, int64_t in_cols, int64_t out_cols) {
+  check_spec(a.spec);
+  AP_CHECK(a.n >= 0, "n", "must be >= 0");
+  AP_CHECK(a.c >= 0, "c", "must be >= 0");
+  AP_CHECK(a.offset >= 0, "offset", "must be >= 0");
+  AP_CHECK(a.offset <= kMaxRows - a.c, "offset", "offset + c must be < 2^62");
+  AP_CHECK(a.in_dtype == DType::f32 || a.in_dtype == DType::f16 || a.in_dtype == DType::bf16, "in_dtype",
+           "must be f32, f16 or bf16");
+  AP_CHECK(a.n <= 1 || a.in_row_stride >= in_cols, "in_row_stride", "must be >= the row length");
+  AP_CHECK(a.n <= 1 || a.out_row_stride >= out_cols, "out_row_stride", "must be >= the row length");
+  AP_CHECK(a.n == 0 || in_cols == 0 || a.in != nullptr, "in", "null pointer");
+  AP_CHECK(a.n == 0 || out_cols == 0 || a.out != nullptr, "out", "null pointer");
+}
+
+/// Row ranges per column tile: enough units to feed every thread, each at least a few register blocks.
+int64_t row_splits(int64_t n, int64_t tiles, int threads) {
+  if (tiles >= threads) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(threads, tiles), ceil_div(n, 24)));
+}
+
+}  // namespace
+
+void check_spec(const ProjectionSpec& spec) {
+  AP_CHECK(spec.kind == Kind::rademacher || spec.kind == Kind::gaussian || spec.kind == Kind::sjlt, "kind",
+           "unknown kind");
+  AP_CHECK(spec.k >= 1 && spec.k <= kMaxK, "k", "must be in [1, 2^31 - 1], got " + std::to_string(spec.k));
+  AP_CHECK(spec.kind != Kind::sjlt || (spec.s >= 1 && spec.s <= spec.k), "s",
+           "must be in [1, k] for sjlt, got " + std::to_string(spec.s));
+}
+
+void project_cpu(const ProjectArgs& a) {
+  check_args(a, a.c, a.spec.k);
+  if (a.n == 0) return;
+  const CpuKernelTable& kt = kernels();
+  const int threads = std::max(1, a.num_threads);
+  if (a.spec.kind == Kind::sjlt) {
+    const int64_t splits = std::min<int64_t>(a.n, threads);
+    parallel_for(threads, splits, [&](int64_t u) { kt.sjlt_forward(a, a.n * u / splits, a.n * (u + 1) / splits); });
+    return;
+  }
+  const int64_t tiles = ceil_div(a.spec.k, kCpuTileCols), splits = row_splits(a.n, tiles, threads);
+  parallel_for(threads, tiles * splits, [&](int64_t u) {
+    const int64_t t = u / splits, s = u % splits;
+    kt.dense_forward(a, t * kCpuTileCols, a.n * s / splits, a.n * (s + 1) / splits);
+  });
+}
+
+void project_transpose_cpu(const ProjectArgs& a) {
+  check_args(a, a.spec.k, a.c);
+  if (a.n == 0 || a.c == 0) return;
+  const CpuKernelTable& kt = kernels();
+  const int threads = std::max(1, a.num_threads);
+  const int64_t tile_rows = a.spec.kind == Kind::sjlt ? kCpuSjltTileRows : kCpuTransposeTileRows;
+  const int64_t tiles = ceil_div(a.c, tile_rows), splits = row_splits(a.n, tiles, threads);
+  parallel_for(threads, tiles * splits, [&](int64_t u) {
+    const int64_t t = u / splits, s = u % splits, i0 = a.n * s / splits, i1 = a.n * (s + 1) / splits;
+    if (a.spec.kind == Kind::sjlt) {
+      kt.sjlt_transpose(a, t * tile_rows, i0, i1);
+    } else {
+      kt.dense_transpose(a, t * tile_rows, i0, i1);
+    }
+  });
+}
+
+void materialize_cpu(const MaterializeArgs& a) {
+  check_spec(a.spec);
+  AP_CHECK(a.c >= 0, "c", "must be >= 0");
+  AP_CHECK(a.offset >= 0 && a.offset <= kMaxRows - a.c, "offset", "must be >= 0 with offset + c < 2^62");
+  AP_CHECK(a.c <= 1 || a.out_row_stride >= a.spec.k, "out_row_stride", "must be >= k");
+  AP_CHECK(a.c == 0 || a.out != nullptr, "out", "null pointer");
+  const CpuKernelTable& kt = kernels();
+  constexpr int64_t kRowsPerUnit = 64;
+  const int64_t units = ceil_div(a.c, kRowsPerUnit);
+  parallel_for(std::max(1, a.num_threads), units, [&](int64_t u) {
+    kt.materialize(a, u * kRowsPerUnit, std::min(a.c, (u + 1) * kRowsPerUnit));
+  });
+}
+
+const char* cpu_kernels_isa() { return kernels().name; }
+
+}  // namespace attrprims

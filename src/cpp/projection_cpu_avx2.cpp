@@ -1,0 +1,5 @@
+// CPU projection kernels for x86-64 with AVX2 and FMA (built with -mavx2 -mfma, used when the CPU has both).
+#define AP_ISA_NS isa_avx2
+#define AP_ISA_TABLE kCpuKernelsAvx2
+#define AP_ISA_NAME "avx2+fma"
+#include "projection_cpu_kernels_impl.h"

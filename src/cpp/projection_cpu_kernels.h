@@ -1,0 +1,36 @@
+// The CPU projection kernels' table: one instance per instruction set, chosen at run time.
+#pragma once
+
+#include "attrprims/projection.h"
+
+namespace attrprims {
+
+/// Output columns of one dense forward work unit (one Rademacher Philox call per row of P).
+constexpr int64_t kCpuTileCols = 128;
+/// Rows of P (output columns) of one dense transpose work unit.
+constexpr int64_t kCpuTransposeTileRows = 128;
+/// Rows of P of one SJLT transpose work unit.
+constexpr int64_t kCpuSjltTileRows = 1024;
+
+/// Work units over raw pointers; each writes only its own block of `out`, summing over P's rows in a
+/// fixed order, so results do not depend on how units are spread over threads.
+struct CpuKernelTable {
+  const char* name;
+  /// out[i0:i1, j0:j0+kCpuTileCols] for a dense kind.
+  void (*dense_forward)(const ProjectArgs& a, int64_t j0, int64_t i0, int64_t i1);
+  /// out[i0:i1, r0:r0+kCpuTransposeTileRows] of the transposed product for a dense kind.
+  void (*dense_transpose)(const ProjectArgs& a, int64_t r0, int64_t i0, int64_t i1);
+  /// out[i0:i1, :] for SJLT.
+  void (*sjlt_forward)(const ProjectArgs& a, int64_t i0, int64_t i1);
+  /// out[i0:i1, r0:r0+kCpuSjltTileRows] of the transposed product for SJLT.
+  void (*sjlt_transpose)(const ProjectArgs& a, int64_t r0, int64_t i0, int64_t i1);
+  /// Rows r0..r1 (relative to a.offset) of the materialised slice.
+  void (*materialize)(const MaterializeArgs& a, int64_t r0, int64_t r1);
+};
+
+extern const CpuKernelTable kCpuKernelsGeneric;
+#if defined(ATTRPRIMS_HAVE_AVX2)
+extern const CpuKernelTable kCpuKernelsAvx2;
+#endif
+
+}  // namespace attrprims

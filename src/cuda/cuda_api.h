@@ -1,0 +1,36 @@
+// Host entry points of the CUDA kernels; includes no CUDA header (cudaStream_t is forward-declared).
+#pragma once
+
+#include <string>
+
+#include "attrprims/projection.h"
+
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
+
+namespace attrprims {
+
+/// Bytes of device workspace project_cuda needs for `args` (0 when it writes `out` directly).
+int64_t project_workspace_bytes_cuda(const ProjectArgs& args);
+
+/// out [n, k] = in [n, c] @ P[offset:offset+c] on `device`, enqueued on `stream` (no host sync).
+/// Dense kinds split c over a fixed number of slices (a function of n, c, k only, not of the GPU) and
+/// sum the slices in a fixed order, so results are reproducible; sjlt sums with atomics.
+void project_cuda(const ProjectArgs& args, void* workspace, int64_t workspace_bytes, int device, cudaStream_t stream);
+
+/// out [n, c] = in [n, k] @ P[offset:offset+c]^T on `device`, enqueued on `stream`.
+void project_transpose_cuda(const ProjectArgs& args, int device, cudaStream_t stream);
+
+/// out [c, k] = P[offset:offset+c], bit-identical to materialize_cpu.
+void materialize_cuda(const MaterializeArgs& args, int device, cudaStream_t stream);
+
+/// What the CUDA runtime reports on this machine: devices (0 with `error` set when none is usable).
+struct CudaRuntimeInfo {
+  int device_count = 0;
+  std::string error;
+  int runtime_version = 0;
+  int driver_version = 0;
+};
+CudaRuntimeInfo cuda_runtime_info();
+
+}  // namespace attrprims

@@ -1,0 +1,115 @@
+"""Plain references for the kernels: NumPy (uint64 / float32) for the matrix definition, float64 for products.
+
+Written from the definitions in src/cpp/attrprims/projection.h, the obvious way, with no tiling: slow and
+small, but each line can be checked by eye. Every float32 step is one IEEE-rounded NumPy op, as in C++.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MUL0, MUL1 = 0xD2511F53, 0xCD9E8D57
+WEYL0, WEYL1 = 0x9E3779B9, 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+TAGS = {"rademacher": 0x52414431, "gaussian": 0x47415531, "sjlt": 0x534A4C31}
+F32 = np.float32
+
+
+def philox4x32_10(counters: np.ndarray, key: int) -> np.ndarray:
+    """Philox-4x32-10 of each row of counters [N, 4] (uint32) under a 64-bit key."""
+    c = [counters[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(key & MASK32), np.uint64(key >> 32)
+    m32 = np.uint64(MASK32)
+    for _ in range(10):
+        p0, p1 = np.uint64(MUL0) * c[0], np.uint64(MUL1) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0, k1 = (k0 + np.uint64(WEYL0)) & m32, (k1 + np.uint64(WEYL1)) & m32
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def projection_words(seed: int, kind: str, rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Philox words for (row, block) pairs of the stream of `kind`: [N, 4] uint32."""
+    rows, blocks = np.asarray(rows, dtype=np.uint64), np.asarray(blocks, dtype=np.uint64)
+    counters = np.stack([blocks, rows & np.uint64(MASK32), rows >> np.uint64(32),
+                         np.full_like(rows, TAGS[kind])], axis=1).astype(np.uint32)
+    return philox4x32_10(counters, seed)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return x.view(np.uint32)
+
+
+def _float(u: np.ndarray) -> np.ndarray:
+    return u.astype(np.uint32).view(F32)
+
+
+def unit_log(u: np.ndarray) -> np.ndarray:
+    """ln(u) for float32 u in (0, 1], by the same float32 steps as the C++ definition."""
+    bits = _bits(u)
+    mbits = (bits & np.uint32(0x007FFFFF)) | np.uint32(0x3F800000)
+    big = mbits > np.uint32(0x3FB504F3)
+    m = np.where(big, _float(mbits) * F32(0.5), _float(mbits))
+    e = (bits >> np.uint32(23)).astype(np.int64) - 127 + big
+    s = (m - F32(1.0)) / (m + F32(1.0))
+    s2 = s * s
+    poly = F32(1.0) + s2 * (F32(0.333333333) + s2 * (F32(0.2) + s2 * (F32(0.142857143) + s2 * F32(0.111111111))))
+    return e.astype(F32) * F32(0.693147181) + (F32(2.0) * s) * poly
+
+
+def box_muller(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two float32 normals per pair of words (radius from a, angle from b), as defined in C++."""
+    u = ((a >> np.uint32(8)) + np.uint32(1)).astype(F32) * F32(2.0**-24)
+    radius = np.sqrt(F32(-2.0) * unit_log(u))
+    q = b >> np.uint32(30)
+    t = ((b >> np.uint32(8)) & np.uint32(0x3FFFFF)).astype(F32) * F32(2.0**-22) * F32(1.57079637)
+    t2 = t * t
+    sp = F32(1.0) + t2 * (F32(-1.66666667e-01) + t2 * (F32(8.33333333e-03) + t2 * (
+        F32(-1.98412698e-04) + t2 * (F32(2.75573192e-06) + t2 * F32(-2.50521084e-08)))))
+    sn = t * sp
+    cs = F32(1.0) + t2 * (F32(-0.5) + t2 * (F32(4.16666667e-02) + t2 * (F32(-1.38888889e-03) + t2 * (
+        F32(2.48015873e-05) + t2 * (F32(-2.75573192e-07) + t2 * F32(2.08767570e-09))))))
+    odd = (q & np.uint32(1)).astype(bool)
+    co, si = np.where(odd, sn, cs), np.where(odd, cs, sn)
+    co = np.where((q == 1) | (q == 2), -co, co)
+    si = np.where(q >= 2, -si, si)
+    return radius * co, radius * si
+
+
+def matrix(seed: int, kind: str, k: int, rows: range, s: int = 1) -> np.ndarray:
+    """P[rows, :] as float32 [len(rows), k], entry by entry from the definition."""
+    r = np.repeat(np.arange(rows.start, rows.stop, dtype=np.uint64), k)
+    col = np.tile(np.arange(k, dtype=np.uint64), len(rows))
+    if kind == "rademacher":
+        words = projection_words(seed, kind, r, col >> np.uint64(7))
+        word = words[np.arange(len(col)), ((col >> np.uint64(5)) & np.uint64(3)).astype(np.int64)]
+        negative = (word >> (col & np.uint64(31)).astype(np.uint32)) & np.uint32(1)
+        scale = F32(1.0 / np.sqrt(float(k)))
+        return np.where(negative == 1, -scale, scale).astype(F32).reshape(len(rows), k)
+    if kind == "gaussian":
+        words = projection_words(seed, kind, r, col >> np.uint64(2))
+        z0, z1 = box_muller(words[:, 0], words[:, 1])
+        z2, z3 = box_muller(words[:, 2], words[:, 3])
+        z = np.stack([z0, z1, z2, z3], axis=1)[np.arange(len(col)), (col & np.uint64(3)).astype(np.int64)]
+        return (z * F32(1.0 / np.sqrt(float(k)))).astype(F32).reshape(len(rows), k)
+    out = np.zeros((len(rows), k), dtype=F32)
+    value = F32(1.0 / np.sqrt(float(s)))
+    for j in range(s):
+        rr = np.arange(rows.start, rows.stop, dtype=np.uint64)
+        word = projection_words(seed, "sjlt", rr, np.full_like(rr, j // 4))[:, j % 4]
+        lo, width = j * k // s, (j + 1) * k // s - j * k // s
+        cols = lo + (((word >> np.uint32(1)).astype(np.uint64) * np.uint64(width)) >> np.uint64(31)).astype(np.int64)
+        out[np.arange(len(rows)), cols] = np.where(word & np.uint32(1), -value, value)
+    return out
+
+
+def project(x: torch.Tensor, k: int, *, seed: int, kind: str, s: int = 1, offset: int = 0) -> torch.Tensor:
+    """x @ P[offset:offset+c] in float64 (on the CPU)."""
+    p = torch.from_numpy(matrix(seed, kind, k, range(offset, offset + x.shape[1]), s)).double()
+    return x.detach().cpu().double() @ p
+
+
+def project_transpose(y: torch.Tensor, p_chunk: int, *, seed: int, kind: str, s: int = 1, offset: int = 0) -> torch.Tensor:
+    """y @ P[offset:offset+p_chunk]^T in float64 (on the CPU)."""
+    p = torch.from_numpy(matrix(seed, kind, y.shape[1], range(offset, offset + p_chunk), s)).double()
+    return y.detach().cpu().double() @ p.T
