@@ -63,18 +63,7 @@ __global__ void __launch_bounds__(kThreads) project_fma_kernel(ProjectArgs a, fl
     }
     {  // 32 rows x 128 columns of P: thread -> (row tid / 8, 16 columns)
       const int rr = tid / 8, cg = (tid % 8) * 16;
-      const uint64_t row = static_cast<uint64_t>(a.offset + r0 + rr);
-      if (a.spec.kind == Kind::rademacher) {
-        rademacher_run<16>(a.spec.seed, row, j0 + cg, scale, &ps[rr][cg], 1);
-      } else {
-#pragma unroll
-        for (int q = 0; q < 16; q += 4) {
-          float z[4];
-          gaussian_run(a.spec.seed, row, j0 + cg + q, z);
-#pragma unroll
-          for (int b = 0; b < 4; ++b) ps[rr][cg + q + b] = exact_mul(z[b], scale);
-        }
-      }
+      dense_run<16>(a.spec, static_cast<uint64_t>(a.offset + r0 + rr), j0 + cg, scale, &ps[rr][cg], 1);
     }
     __syncthreads();
 #pragma unroll 4
@@ -239,13 +228,7 @@ __global__ void materialize_dense_kernel(MaterializeArgs a, float scale) {
     const int64_t r = e / groups, col0 = (e % groups) * 4;
     const uint64_t row = static_cast<uint64_t>(a.offset + r);
     float v[4];
-    if (a.spec.kind == Kind::rademacher) {
-      rademacher_run<4>(a.spec.seed, row, col0, scale, v, 1);
-    } else {
-      gaussian_run(a.spec.seed, row, col0, v);
-#pragma unroll
-      for (int b = 0; b < 4; ++b) v[b] = exact_mul(v[b], scale);
-    }
+    dense_run<4>(a.spec, row, col0, scale, v, 1);
     for (int b = 0; b < 4 && col0 + b < a.spec.k; ++b) a.out[r * a.out_row_stride + col0 + b] = v[b];
   }
 }

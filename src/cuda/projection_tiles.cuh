@@ -38,4 +38,22 @@ __device__ __forceinline__ void gaussian_run(uint64_t seed, uint64_t row, int64_
   gaussian4(projection_words(seed, kTagGaussian, row, static_cast<uint32_t>(col0 >> 2)), z);
 }
 
+/// dst[b * stride] = P[row, col0 + b] for b < count (col0 % count == 0; count is 4, 8 or 16) for a dense
+/// kind, scaled exactly as on the CPU.
+template <int count>
+__device__ __forceinline__ void dense_run(const ProjectionSpec& spec, uint64_t row, int64_t col0, float scale,
+                                          float* dst, int stride) {
+  if (spec.kind == Kind::rademacher) {
+    rademacher_run<count>(spec.seed, row, col0, scale, dst, stride);
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < count; q += 4) {
+    float z[4];
+    gaussian_run(spec.seed, row, col0 + q, z);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) dst[(q + b) * stride] = exact_mul(z[b], scale);
+  }
+}
+
 }  // namespace attrprims

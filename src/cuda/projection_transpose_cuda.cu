@@ -32,18 +32,7 @@ __global__ void __launch_bounds__(kThreads) project_transpose_fma_kernel(Project
     }
     {  // 64 rows x 32 columns of P: thread -> (row tid / 4, 8 columns)
       const int rr = tid / 4, cg = (tid % 4) * 8;
-      const uint64_t row = static_cast<uint64_t>(a.offset + r0 + rr);
-      if (a.spec.kind == Kind::rademacher) {
-        rademacher_run<8>(a.spec.seed, row, c0 + cg, scale, &ps[cg][rr], kTileP + 4);
-      } else {
-#pragma unroll
-        for (int q = 0; q < 8; q += 4) {
-          float z[4];
-          gaussian_run(a.spec.seed, row, c0 + cg + q, z);
-#pragma unroll
-          for (int b = 0; b < 4; ++b) ps[cg + q + b][rr] = exact_mul(z[b], scale);
-        }
-      }
+      dense_run<8>(a.spec, static_cast<uint64_t>(a.offset + r0 + rr), c0 + cg, scale, &ps[cg][rr], kTileP + 4);
     }
     __syncthreads();
 #pragma unroll 4

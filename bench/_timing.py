@@ -1,0 +1,135 @@
+"""Timing, machine description and result writing shared by the benchmark scripts."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_cpu(fn, warmup=1, repeat=3, min_total_s=1.0, keep_slow_warmup_s=1.0):
+    """Median seconds of fn() over >= `repeat` calls, repeating until `min_total_s` of timed calls.
+
+    A warmup call that itself takes >= `keep_slow_warmup_s` is kept as a sample (a multi-second call
+    gains nothing from warming up, and the median of >= 3 discards a one-off slow first call).
+    """
+    samples = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if dt >= keep_slow_warmup_s:
+            samples.append(dt)
+    while len(samples) < repeat or sum(samples) < min_total_s:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def time_cuda(fn, warmup=3, repeat=20):
+    """Median seconds of fn() over max(repeat, 20) calls, each timed by CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(max(repeat, 20)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def _cpu_model():
+    """CPU model name from /proc/cpuinfo, else from platform."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit():
+    """Short commit of the repository holding this file, with '+dirty' for local changes; None without git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info():
+    """A JSON-serialisable description of the machine, torch, the attrprims build and the git commit."""
+    import attrprims
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "attrprims": attrprims.build_info(),
+        "git_commit": _git_commit(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda_runtime"] = torch.version.cuda
+        try:
+            info["gpu_driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["gpu_driver"] = None
+    return info
+
+
+def _cell(value):
+    """Markdown text of one table cell."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.2f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows, columns):
+    """Rows (dicts) as a markdown table over `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name, device_slug, rows, columns, info, notes):
+    """Print the table and write bench/results/<name>-<device_slug>.md and .json (info, rows, notes)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"{name}-{device_slug}"
+    table = markdown_table(rows, columns)
+    print(table)
+    machine = (f"{info.get('gpu', info['cpu'])}; {info['cpu']}, {info['cores']} cores; torch {info['torch']} "
+               f"({info['torch_threads']} threads); attrprims {info['attrprims'].get('version')} "
+               f"({info['attrprims'].get('cpu_kernels')} CPU kernels); commit {info.get('git_commit')}")
+    text = [f"# {name} on {device_slug}", "", f"Machine: {machine}", "", table, ""]
+    text += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
+    stem.with_suffix(".md").write_text("\n".join(text))
+    payload = {"name": name, "device_slug": device_slug, "machine": info, "columns": columns, "rows": rows,
+               "notes": notes}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
