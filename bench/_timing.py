@@ -13,40 +13,51 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_cpu(fn, warmup=1, repeat=3, min_total_s=1.0, keep_slow_warmup_s=1.0):
-    """Median seconds of fn() over >= `repeat` calls, repeating until `min_total_s` of timed calls.
+def _timed(fn):
+    """Seconds one call of fn() takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
-    A warmup call that itself takes >= `keep_slow_warmup_s` is kept as a sample (a multi-second call
-    gains nothing from warming up, and the median of >= 3 discards a one-off slow first call).
+
+def time_cpu_many(fns, warmup=1, repeat=3, min_total_s=1.0, keep_slow_warmup_s=1.0):
+    """Samples (seconds) of each fn of the dict `fns`, called in turn so that drifts in machine speed hit all alike.
+
+    Each fn gets >= `repeat` timed calls and more until its calls total `min_total_s`. A warmup call that itself
+    takes >= `keep_slow_warmup_s` is kept as a sample (a multi-second call gains nothing from warming up, and
+    the median of >= 3 discards a one-off slow first call).
     """
-    samples = []
+    samples = {name: [] for name in fns}
     for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        if dt >= keep_slow_warmup_s:
-            samples.append(dt)
-    while len(samples) < repeat or sum(samples) < min_total_s:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            dt = _timed(fn)
+            if dt >= keep_slow_warmup_s:
+                samples[name].append(dt)
+    while todo := [name for name, s in samples.items() if len(s) < repeat or sum(s) < min_total_s]:
+        for name in todo:
+            samples[name].append(_timed(fns[name]))
+    return samples
 
 
-def time_cuda(fn, warmup=3, repeat=20):
-    """Median seconds of fn() over max(repeat, 20) calls, each timed by CUDA events on the current stream."""
+def time_cpu(fn, warmup=1, repeat=3, min_total_s=1.0):
+    """Median seconds of fn() over >= `repeat` calls (more until `min_total_s`), after `warmup` calls."""
+    return statistics.median(time_cpu_many({0: fn}, warmup, repeat, min_total_s)[0])
+
+
+def time_cuda(fn, warmup=3, repeat=20, samples=False):
+    """Median seconds of fn() over max(repeat, 20) calls timed by CUDA events (all samples if `samples`)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    samples = []
+    times = []
     for _ in range(max(repeat, 20)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
+        times.append(start.elapsed_time(end) / 1e3)
+    return times if samples else statistics.median(times)
 
 
 def _cpu_model():

@@ -6,6 +6,7 @@ Writes bench/results/projection[-quick]-<slug>.md and .json (see bench/README.md
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from importlib.metadata import version
@@ -16,7 +17,7 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, time_cpu, time_cuda, write_results  # noqa: E402
+from _timing import machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
 
 SEED = 20240
 KINDS = ("rademacher", "gaussian", "sjlt")
@@ -24,11 +25,10 @@ TRAKER_TYPE = {"rademacher": "rademacher", "gaussian": "normal"}  # traker has n
 CHECK_ROWS, CHECK_COLS = 2, 4096
 COLUMNS = ["kind", "n", "p", "k", "dtype", "ours ms", "ours GFLOP/s", "matmul ms", "speed vs matmul", "traker ms",
            "speedup vs traker", "rel err (ref)"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def shapes(device, quick):
-    """(dense shapes, ns, ours-only shapes, half-precision shapes) for a device: lists of (n, p, k)."""
+    """(dense (p, k), their ns, ours-only (n, p, k), half-precision (n, p, k)) for a device."""
     if device == "cpu":
         if quick:
             return [(2**16, 512), (2**16, 2048)], (16,), [], [(16, 2**16, 2048)]
@@ -43,11 +43,6 @@ def shapes(device, quick):
 def pow2(v):
     """'2^e' for a power of two, else the number."""
     return f"2^{v.bit_length() - 1}" if v & (v - 1) == 0 else str(v)
-
-
-def gib(nbytes):
-    """Bytes as a short GiB string."""
-    return f"{nbytes / 2**30:.3g} GiB"
 
 
 def free_bytes(device):
@@ -70,10 +65,10 @@ def cpu_steal_jiffies():
 
 
 def make_timer(device, repeat):
-    """fn -> median seconds, with the timer matching the device."""
+    """A function {name: fn} -> {name: samples in seconds}: round-robin on CPU, CUDA events on a GPU."""
     if device.type == "cuda":
-        return lambda fn: time_cuda(fn, warmup=3, repeat=repeat)
-    return lambda fn: time_cpu(fn, warmup=1, repeat=repeat)
+        return lambda fns: {name: time_cuda(fn, warmup=3, repeat=repeat, samples=True) for name, fn in fns.items()}
+    return lambda fns: time_cpu_many(fns, warmup=1, repeat=repeat)
 
 
 def rel_err(a, b):
@@ -90,19 +85,31 @@ def reference_check(x, p, k, kind):
     return rel_err(ours, xs.double().cpu() @ P.double())
 
 
+class Once:
+    """Wraps a peer's call: the first exception is kept and later calls do nothing, so timing goes on."""
+
+    def __init__(self, fn):
+        self.fn, self.error = fn, None
+
+    def __call__(self):
+        if self.error is None:
+            try:
+                self.fn()
+            except Exception as e:  # a peer failure is a result to report, not a crash of the benchmark
+                self.error = f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+
+
 class Peer:
-    """traker's projector on the benchmark device, with per-call estimates used to skip slow shapes."""
+    """traker's projector on the benchmark device, with per-call estimates used to skip slow shapes on CPU."""
 
     def __init__(self, device, max_s):
-        self.device, self.max_s, self.measured = device, max_s, {}
-        self.error = None
+        self.device, self.max_s, self.measured, self.error = device, max_s, {}, None
         try:
             from trak.projectors import BasicProjector, ProjectionType
         except ImportError as e:
             self.error = f"not installed ({e.name})"
             return
-        self.basic, self.ptype = BasicProjector, ProjectionType
-        self.cuda_projector = None
+        self.basic, self.ptype, self.cuda_projector = BasicProjector, ProjectionType, None
         if device.type == "cuda":
             try:
                 import fast_jl  # noqa: F401
@@ -114,7 +121,7 @@ class Peer:
 
     @staticmethod
     def work(p, k, block=100):
-        """Entries of P traker generates per call (whole blocks of `block` columns)."""
+        """Entries of P that traker generates per call (whole blocks of `block` columns)."""
         return p * math.ceil(k / block) * block
 
     def estimate(self, n, p, k, ptype):
@@ -125,34 +132,31 @@ class Peer:
         w0, t = max(done)
         return t * self.work(p, k) / w0
 
-    def make(self, p, k, ptype):
-        """A traker projector of P [p, k] (seed 0, float32)."""
-        if self.cuda_projector is not None:
-            return self.cuda_projector(grad_dim=p, proj_dim=k, seed=0, proj_type=self.ptype(ptype),
-                                       device=self.device, max_batch_size=32)
-        return self.basic(grad_dim=p, proj_dim=k, seed=0, proj_type=self.ptype(ptype), device=self.device,
-                          dtype=torch.float32)
-
-    def time(self, timer, x, k, kind):
-        """(display text, seconds or None) for one projection of x by traker's matching kind."""
+    def prepare(self, x, k, kind):
+        """(callable to time or None, text for the cell when None) for traker's kind matching `kind`."""
         if self.error:
-            return self.error, None
+            return None, self.error
         if kind not in TRAKER_TYPE:
-            return "n/a (no sjlt)", None
+            return None, "n/a (no sjlt)"
         n, p = x.shape
         ptype = TRAKER_TYPE[kind]
         est = self.estimate(n, p, k, ptype)
         if self.device.type == "cpu" and est is not None and est > self.max_s:
-            return f"skipped (>{self.max_s:g} s est.: {est:.0f} s)", None
+            return None, f"skipped (>{self.max_s:g} s est.: {est:.0f} s)"
         try:
-            proj = self.make(p, k, ptype)
-            t = timer(lambda: proj.project(x, model_id=0))
-        except Exception as e:  # a peer failure is a result to report, not a crash of the benchmark
-            return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}", None
-        finally:
-            proj = None
-        self.measured[(n, p, k, ptype)] = t
-        return t * 1e3, t
+            if self.cuda_projector is not None:
+                proj = self.cuda_projector(grad_dim=p, proj_dim=k, seed=0, proj_type=self.ptype(ptype),
+                                           device=self.device, max_batch_size=32)
+            else:
+                proj = self.basic(grad_dim=p, proj_dim=k, seed=0, proj_type=self.ptype(ptype), device=self.device,
+                                  dtype=torch.float32)
+        except Exception as e:
+            return None, f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        return Once(lambda: proj.project(x, model_id=0)), None
+
+    def record(self, n, p, k, kind, seconds):
+        """Remember a measured call for later estimates."""
+        self.measured[(n, p, k, TRAKER_TYPE[kind])] = seconds
 
 
 def main():
@@ -174,7 +178,6 @@ def main():
         if not status:
             sys.exit(f"--device cuda: {status.reason}")
         device = torch.device("cuda", torch.cuda.current_device())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     repeat = args.repeat or (20 if device.type == "cuda" else 3)
     timer = make_timer(device, repeat)
     peer = Peer(device, args.peer_max_s) if args.peers == "on" else None
@@ -185,99 +188,119 @@ def main():
     gen = torch.Generator(device=device).manual_seed(0)
     rows, checks, started, steal0 = [], [], time.perf_counter(), cpu_steal_jiffies()
 
-    def ours_row(x, k, kind, dtype, matmul, peer_cell):
+    def measure(x, k, kinds, dtype, P=None, x_mm=None, matmul_text=None, peer_on=True):
+        """Time ours for `kinds`, the matmul x_mm @ P and traker in one round-robin; append one row per kind."""
         n, p = x.shape
-        t = timer(lambda: attrprims.project(x, k, seed=SEED, kind=kind))
-        mm_text, mm_s = matmul
-        gflops = 2 * n * p * k / t / 1e9
-        err = reference_check(x, p, k, kind)
-        row = {"kind": kind, "n": n, "p": pow2(p), "k": k, "dtype": dtype, "ours ms": t * 1e3,
-               "ours GFLOP/s": f"{gflops:.1f}" + (" (dense-eq.)" if kind == "sjlt" else ""),
-               "matmul ms": mm_text, "speed vs matmul": f"{mm_s / t:.2f}x" if mm_s else "",
-               "traker ms": peer_cell[0],
-               "speedup vs traker": f"{peer_cell[1] / t:.1f}x" if peer_cell[1] else "",
-               "rel err (ref)": f"{err:.1e}" + ("" if err < 1e-4 else " FAIL"),
-               "ours_s": t, "matmul_s": mm_s, "traker_s": peer_cell[1], "ref_rel_err": err, "p_int": p}
-        rows.append(row)
-        cells = [row[c] if isinstance(row[c], str) else f"{row[c]:.1f} ms" for c in ("matmul ms", "traker ms")]
-        print(f"[{time.perf_counter() - started:4.0f} s] {kind:10s} n={n:<4d} p={pow2(p):4s} k={k:<4d} {dtype}: "
-              f"ours {t * 1e3:.1f} ms, matmul {cells[0]}, traker {cells[1]}, err {err:.1e}", flush=True)
-        return row
+        outs, fns, peer_cells = {}, {}, {}
+        for kind in kinds:
+            fns[kind] = lambda kind=kind: outs.__setitem__(kind, attrprims.project(x, k, seed=SEED, kind=kind))
+        if P is not None:
+            fns["matmul"] = lambda: outs.__setitem__("matmul", torch.matmul(x_mm, P))
+        for kind in kinds:
+            if peer is None or not peer_on:
+                peer_cells[kind] = "off" if peer is None else matmul_text[1]
+                continue
+            fn, peer_cells[kind] = peer.prepare(x, k, kind)
+            if fn is not None:
+                fns["traker " + kind] = fn
+        samples = timer(fns)
+        med = {name: statistics.median(s) for name, s in samples.items()}
+        if P is not None and "rademacher" in kinds and dtype == "fp32":
+            checks.append({"n": n, "p": p, "k": k, "rel_err_vs_matmul": rel_err(outs["rademacher"], outs["matmul"])})
+        t_mm = med.get("matmul")
+        for kind in kinds:
+            t = med[kind]
+            t_peer = None
+            if "traker " + kind in fns:
+                error = fns["traker " + kind].error
+                if error:
+                    peer_cells[kind] = error
+                else:
+                    t_peer = med["traker " + kind]
+                    peer_cells[kind] = t_peer * 1e3
+                    peer.record(n, p, k, kind, t_peer)
+            err = reference_check(x, p, k, kind)
+            gflops = 2 * n * p * k / t / 1e9
+            mm_cell = t_mm * 1e3 if t_mm is not None else matmul_text[0]
+            if t_mm is not None and dtype != "fp32":
+                mm_cell = f"{t_mm * 1e3:.2f} (fp32 x)"
+            row = {"kind": kind, "n": n, "p": pow2(p), "k": k, "dtype": dtype, "ours ms": t * 1e3,
+                   "ours GFLOP/s": f"{gflops:.1f}" + (" (dense-eq.)" if kind == "sjlt" else ""),
+                   "matmul ms": mm_cell, "speed vs matmul": f"{t_mm / t:.2f}x" if t_mm else "",
+                   "traker ms": peer_cells[kind], "speedup vs traker": f"{t_peer / t:.1f}x" if t_peer else "",
+                   "rel err (ref)": f"{err:.1e}" + ("" if err < 1e-4 else " FAIL"),
+                   "p_int": p, "ours_s": t, "ours_min_max_s": [min(samples[kind]), max(samples[kind])],
+                   "ours_calls": len(samples[kind]), "matmul_s": t_mm, "traker_s": t_peer, "ref_rel_err": err}
+            rows.append(row)
+            cells = [c if isinstance(c, str) else f"{c:.1f} ms" for c in (mm_cell, peer_cells[kind])]
+            print(f"[{time.perf_counter() - started:4.0f} s] {kind:10s} n={n:<4d} p={pow2(p):4s} k={k:<4d} {dtype}: "
+                  f"ours {t * 1e3:.1f} ms, matmul {cells[0]}, traker {cells[1]}, err {err:.1e}", flush=True)
 
     def randn(n, p):
         return torch.randn(n, p, generator=gen, device=device)
 
-    # Dense shapes: ours, matmul with a pre-made P, traker.
+    # Dense shapes: ours, matmul with a pre-made P, traker, timed in turn.
     xs = {}
     for p, k in dense:
         if p not in xs:
             xs = {p: {n: randn(n, p) for n in ns}}
         need = 4 * p * k
-        matmul = {}
-        if need < 0.75 * free_bytes(device):
-            # The rademacher P of the same seed: its products double as a full-size check of ours.
-            P = attrprims.Projector(p, k, SEED, "rademacher").matrix(device=device)
-            for n in ns:
-                matmul[n] = (None, timer(lambda: torch.matmul(xs[p][n], P)))
-                full = attrprims.project(xs[p][n], k, seed=SEED, kind="rademacher")
-                checks.append({"n": n, "p": p, "k": k, "rel_err_vs_matmul": rel_err(full, torch.matmul(xs[p][n], P))})
-            del P
-        else:
-            for n in ns:
-                matmul[n] = (f"skipped (P needs {gib(need)})", None)
+        # attrprims' own rademacher P of the same seed: its product doubles as a full-size check of ours.
+        P = attrprims.Projector(p, k, SEED, "rademacher").matrix(device=device) if need < 0.7 * free_bytes(
+            device) else None
         for n in ns:
-            matmul[n] = (matmul[n][0] or matmul[n][1] * 1e3, matmul[n][1])
-            for kind in KINDS:
-                peer_cell = peer.time(timer, xs[p][n], k, kind) if peer else ("off", None)
-                ours_row(xs[p][n], k, kind, "fp32", matmul[n], peer_cell)
-        sync()
+            measure(xs[p][n], k, KINDS, "fp32", P=P, x_mm=xs[p][n], matmul_text=(f"skipped (P: {need / 2**30:.3g} "
+                                                                                 "GiB, too big)", None))
+        del P
+    xs = {}
 
     # Half-precision inputs against the fp32 GEMM of the same shape.
     for n, p, k in halves:
         x32 = randn(n, p)
         P = attrprims.Projector(p, k, SEED, "rademacher").matrix(device=device)
-        t_mm = timer(lambda: torch.matmul(x32, P))
-        del P
-        for name in ("fp16", "bf16"):
-            ours_row(x32.to(DTYPES[name]), k, "rademacher", name, (f"{t_mm * 1e3:.2f} (fp32)", t_mm),
-                     ("not run (fp32 rows)", None))
-        del x32
-    xs = {}
+        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            measure(x32.to(dtype), k, ("rademacher",), name, P=P, x_mm=x32, matmul_text=(None, "not run (fp32 rows)"),
+                    peer_on=False)
+        del x32, P
 
-    # Ours only: P cannot be held.
+    # Ours only: P is not held.
     for n, p, k in big:
-        x = randn(n, p)
-        for kind in KINDS:
-            ours_row(x, k, kind, "fp32", (f"not run (P would be {gib(4 * p * k)})", None), ("ours-only row", None))
-        del x
+        measure(randn(n, p), k, KINDS, "fp32", matmul_text=(f"not run (P: {4 * p * k / 2**30:.3g} GiB)",
+                                                            "ours-only row"), peer_on=False)
 
     elapsed = time.perf_counter() - started
     steal = [b - a for a, b in zip(steal0, cpu_steal_jiffies())]
     worst = max((c["rel_err_vs_matmul"] for c in checks), default=None)
+    if device.type == "cuda":
+        timing = (f"CUDA events, median of >= {max(repeat, 20)} calls after 3 warmups, one function after the other; "
+                  f"TF32 for matmul: {torch.backends.cuda.matmul.allow_tf32}")
+    else:
+        timing = (f"time.perf_counter, median of >= {repeat} calls (more until >= 1 s) after 1 warmup (a warmup "
+                  "call of >= 1 s is kept as a sample); ours for each kind, matmul and traker of one (n, p, k) are "
+                  "called round-robin, so that drifts in machine speed hit them alike")
+    if peer is None or peer.error:
+        peer_note = "traker: " + ("off (--peers off)" if peer is None else peer.error) + "."
+    else:
+        peer_note = (f"traker {version('traker')} {peer.name}: the whole .project(x, model_id=0) call is timed; it "
+                     "regenerates its P in blocks of 100 columns on every call (normal for gaussian, rademacher for "
+                     "rademacher, unscaled entries; no sparse kind); construction not timed.")
+        if device.type == "cpu":
+            peer_note += (f" Shapes whose call is estimated above {args.peer_max_s:g} s (linear in p·ceil(k/100), "
+                          "from a measured smaller shape of the same n and type) are skipped.")
     notes = [
-        "Data: synthetic N(0,1) x (torch.randn, seed 0), fixed projection seed "
-        f"{SEED}; every row is a fresh [n, k] float32 output.",
-        f"Timing: {'CUDA events, median of >= ' + str(max(repeat, 20)) + ' calls after 3 warmups' if device.type == 'cuda' else f'time.perf_counter, median of >= {repeat} calls (repeated until >= 1 s), after 1 warmup; a warmup call of >= 1 s is kept as a sample'}"
-        f"; torch threads {torch.get_num_threads()} (attrprims uses the same count).",
-        "ours GFLOP/s = 2·n·p·k / time for every kind; for sjlt this is a dense-equivalent rate (it does only "
+        f"Data: synthetic N(0,1) x (torch.randn, seed 0); projection seed {SEED}; output [n, k] float32.",
+        f"Timing: {timing}; torch threads {torch.get_num_threads()} (attrprims uses the same count).",
+        "ours GFLOP/s = 2·n·p·k / time for every kind; for sjlt it is a dense-equivalent rate (sjlt does "
         "2·n·p·s flops, s = 4).",
-        "matmul = torch.matmul(x, P) with a float32 P [p, k] made once outside the timing (attrprims' own "
-        "rademacher P, so equal work and a GEMM ceiling for a stored matrix); speed vs matmul = matmul time / ours "
-        "(> 1: ours faster). The same matmul time is shown on the three kind rows of a shape."
-        + (f" TF32 for matmul: {torch.backends.cuda.matmul.allow_tf32}." if device.type == "cuda" else ""),
-        "Half-precision rows: x in fp16/bf16 for ours, the matmul column is the fp32 GEMM of the same shape.",
-        f"rel err (ref) = ||ours - ref|| / ||ref|| on x[:{CHECK_ROWS}, :{CHECK_COLS}] with "
-        "ref = x.double() @ Projector(p, k, seed, kind).matrix().double() (FAIL above 1e-4).",
-        f"Full-size check: ours (rademacher) against the timed matmul on all {len(checks)} dense (n, p, k): "
+        "matmul = torch.matmul(x, P) with a float32 P [p, k] made once outside the timing (attrprims' rademacher P: "
+        "the GEMM ceiling for a stored matrix; the same time on the three kind rows of a shape); speed vs matmul = "
+        "matmul time / ours time (> 1: ours faster). Half-precision rows: x fp16/bf16 for ours, fp32 x for matmul.",
+        f"rel err (ref) = ||ours - ref|| / ||ref|| on x[:{CHECK_ROWS}, :{CHECK_COLS}], ref = x.double() @ "
+        "Projector(p, k, seed, kind).matrix().double() (FAIL above 1e-4).",
+        f"Full-size check: ours (rademacher) against the matmul output on all {len(checks)} dense (n, p, k): "
         f"largest relative error {worst:.1e}." if worst is not None else "Full-size check: no matmul was run.",
-        "traker: " + (("off (--peers off)" if peer is None else peer.error) if peer is None or peer.error else
-                      f"traker {version('traker')} {peer.name}, "
-                      "the whole .project(x, model_id=0) call timed: it regenerates its P in blocks of 100 "
-                      "columns on every call (normal for gaussian, rademacher for rademacher, unscaled "
-                      "entries; no sparse kind). Projector construction not timed."
-                      + (f" Shapes whose call is estimated (linear in p·ceil(k/100), from a measured smaller "
-                         f"shape) above {args.peer_max_s:g} s are skipped." if device.type == "cpu" else "")),
-        f"Total benchmark wall time {elapsed / 60:.1f} min; CPU steal (time taken by the VM host) during the run "
+        peer_note,
+        f"Total wall time {elapsed / 60:.1f} min; CPU steal (time taken by the VM host) "
         f"{100 * steal[0] / max(steal[1], 1):.1f}% of CPU time.",
     ]
     name = "projection-quick" if args.quick else "projection"
