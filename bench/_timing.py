@@ -61,14 +61,14 @@ def time_cuda(fn, warmup=3, repeat=20, samples=False):
 
 
 def _cpu_model():
-    """CPU model name from /proc/cpuinfo, else from platform."""
+    """CPU model name (with family/model, as KVM guests often see only 'AMD EPYC') from /proc/cpuinfo or platform."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        return f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')})"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
 
 
 def _git_commit():
@@ -134,7 +134,8 @@ def write_results(name, device_slug, rows, columns, info, notes):
     stem = RESULTS_DIR / f"{name}-{device_slug}"
     table = markdown_table(rows, columns)
     print(table)
-    machine = (f"{info.get('gpu', info['cpu'])}; {info['cpu']}, {info['cores']} cores; torch {info['torch']} "
+    gpu = f"{info['gpu']} (driver {info.get('gpu_driver')}); " if info.get("gpu") else ""
+    machine = (f"{gpu}{info['cpu']}, {info['cores']} cores; torch {info['torch']} "
                f"({info['torch_threads']} threads); attrprims {info['attrprims'].get('version')} "
                f"({info['attrprims'].get('cpu_kernels')} CPU kernels); commit {info.get('git_commit')}")
     text = [f"# {name} on {device_slug}", "", f"Machine: {machine}", "", table, ""]
