@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "attrprims/projection_cpu.h"
 #include "cuda_api.h"
 #include "cuda_check.h"
 #include "device_guard.h"
@@ -260,10 +261,7 @@ int dense_slices(const ProjectArgs& a, int bm) {
 int tile_rows(const ProjectArgs& a) { return a.n <= 16 ? 16 : 64; }
 
 void check_cuda_args(const ProjectArgs& a, int64_t in_cols, int64_t out_cols) {
-  AP_CHECK(a.spec.kind == Kind::rademacher || a.spec.kind == Kind::gaussian || a.spec.kind == Kind::sjlt, "kind",
-           "unknown kind");
-  AP_CHECK(a.spec.k >= 1 && a.spec.k <= kMaxK, "k", "must be in [1, 2^31 - 1]");
-  AP_CHECK(a.spec.kind != Kind::sjlt || (a.spec.s >= 1 && a.spec.s <= a.spec.k), "s", "must be in [1, k]");
+  check_spec(a.spec);
   AP_CHECK(a.n >= 0 && a.c >= 0 && a.offset >= 0 && a.offset <= kMaxRows - a.c, "offset", "must be >= 0, offset + c < 2^62");
   AP_CHECK(a.n <= 1 || a.in_row_stride >= in_cols, "in_row_stride", "must be >= the row length");
   AP_CHECK(a.n <= 1 || a.out_row_stride >= out_cols, "out_row_stride", "must be >= the row length");
@@ -339,8 +337,7 @@ void project_cuda(const ProjectArgs& a, void* workspace, int64_t workspace_bytes
 }
 
 void materialize_cuda(const MaterializeArgs& a, int device, cudaStream_t stream) {
-  AP_CHECK(a.spec.k >= 1 && a.spec.k <= kMaxK, "k", "must be in [1, 2^31 - 1]");
-  AP_CHECK(a.spec.kind != Kind::sjlt || (a.spec.s >= 1 && a.spec.s <= a.spec.k), "s", "must be in [1, k]");
+  check_spec(a.spec);
   AP_CHECK(a.c >= 0 && a.offset >= 0 && a.offset <= kMaxRows - a.c, "offset", "must be >= 0, offset + c < 2^62");
   AP_CHECK(a.c <= 1 || a.out_row_stride >= a.spec.k, "out_row_stride", "must be >= k");
   if (a.c == 0) return;

@@ -1,6 +1,7 @@
 // CUDA transposed projection out = in @ P^T (k -> p, for mapping projected vectors back).
 #include <algorithm>
 
+#include "attrprims/projection_cpu.h"
 #include "cuda_api.h"
 #include "cuda_check.h"
 #include "device_guard.h"
@@ -102,8 +103,7 @@ void launch(const ProjectArgs& a, cudaStream_t stream) {
 }  // namespace
 
 void project_transpose_cuda(const ProjectArgs& a, int device, cudaStream_t stream) {
-  AP_CHECK(a.spec.k >= 1 && a.spec.k <= kMaxK, "k", "must be in [1, 2^31 - 1]");
-  AP_CHECK(a.spec.kind != Kind::sjlt || (a.spec.s >= 1 && a.spec.s <= a.spec.k), "s", "must be in [1, k]");
+  check_spec(a.spec);
   AP_CHECK(a.n >= 0 && a.c >= 0 && a.offset >= 0 && a.offset <= kMaxRows - a.c, "offset", "must be >= 0, offset + c < 2^62");
   AP_CHECK(a.n <= 1 || a.in_row_stride >= a.spec.k, "in_row_stride", "must be >= k");
   AP_CHECK(a.n <= 1 || a.out_row_stride >= a.c, "out_row_stride", "must be >= c");

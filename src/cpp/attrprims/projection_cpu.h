@@ -5,7 +5,7 @@
 
 namespace attrprims {
 
-/// Throw std::invalid_argument naming the field when `spec` cannot define a matrix.
+/// Throw std::invalid_argument naming the field when `spec` cannot define a matrix (used by the CUDA entry points too).
 void check_spec(const ProjectionSpec& spec);
 
 /// out [n, k] = in [n, c] @ P[offset:offset+c, :] (or +=, with accumulate). Bitwise independent of
