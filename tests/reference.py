@@ -113,3 +113,33 @@ def project_transpose(y: torch.Tensor, p_chunk: int, *, seed: int, kind: str, s:
     """y @ P[offset:offset+p_chunk]^T in float64 (on the CPU)."""
     p = torch.from_numpy(matrix(seed, kind, y.shape[1], range(offset, offset + p_chunk), s)).double()
     return y.detach().cpu().double() @ p.T
+
+
+def per_sample_grads(model, output_fn, batch, names, model_args) -> torch.Tensor:
+    """[n, p] float64: one backward per example, the example sliced out of every tensor of the batch."""
+    tensors = dict(model.named_parameters())
+    n = next(t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)).shape[0]
+    rows = []
+    for i in range(n):
+        example = torch.utils._pytree.tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) else t, batch)
+        args, kwargs = model_args(example)
+        out = output_fn(model(*args, **kwargs), example)
+        grads = torch.autograd.grad(out[0], [tensors[name] for name in names], allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(tensors[name]) if g is None else g).reshape(-1).double()
+                               for name, g in zip(names, grads)]))
+    return torch.stack(rows) if rows else torch.zeros((0, sum(tensors[m].numel() for m in names)), dtype=torch.float64)
+
+
+def project_factored(a: torch.Tensor, delta: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """[n, k_out·k_in] float64: the per-example weight gradients Σ_t δ_t a_tᵀ, flattened, times P_out ⊗ P_in."""
+    g = torch.einsum("nto,nti->noi", delta.double(), a.double()).reshape(a.shape[0], delta.shape[2] * a.shape[2])
+    return g @ torch.kron(p_out.double(), p_in.double())
+
+
+def factored_matrix(projector, blocks) -> torch.Tensor:
+    """[p, k] float64 of a FactoredProjector: its dense rows, with P_out ⊗ P_in over each (offset, d_out, d_in) block."""
+    m = projector.dense.matrix().double()
+    for offset, d_out, d_in in blocks:
+        p_out, p_in = projector.factors(offset, d_out, d_in)
+        m[offset:offset + d_out * d_in] = torch.kron(p_out.double(), p_in.double())
+    return m

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import _core
+from ._kernel_args import cuda_stream
 
 try:
     _cuda = importlib.import_module(f"{__package__}._cuda")
@@ -54,6 +55,18 @@ def cuda_module(name: str, device: torch.device):
     if not status:
         raise RuntimeError(f"{name}: is on {device} but attrprims' CUDA kernels cannot run here: {status.reason}")
     return _cuda
+
+
+def module_and_runner(entry: str, name: str, device: torch.device):
+    """The compiled module for `device` and a function calling its `{entry}_cpu` / `{entry}_cuda` on an args struct
+    (CUDA entries get the device index and torch's current stream). `name` is the tensor named in errors."""
+    if device.type == "cpu":
+        return _core, getattr(_core, f"{entry}_cpu")
+    if device.type == "cuda":
+        module = cuda_module(name, device)
+        kernel = getattr(module, f"{entry}_cuda")
+        return module, lambda args: kernel(args, device.index, cuda_stream(device))
+    raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {device}")
 
 
 def build_info() -> dict:

@@ -8,15 +8,34 @@ FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 UINT64_MAX = 2**64 - 1
 
 
-def check_matrix(name: str, t, dims: str, dtypes=FLOAT_INPUTS) -> None:
-    """Require a 2-D tensor of one of `dtypes`; `dims` names the dimensions for the message, e.g. "[n, c]"."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: dtypes as error messages spell them."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensor(name: str, t, dims: str, ndim: int, dtypes=FLOAT_INPUTS) -> None:
+    """Require an `ndim`-D tensor of one of `dtypes`; `dims` names the dimensions for messages, e.g. "[n, t, d]"."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {dims}, got {type(t).__name__}")
-    if t.dim() != 2:
+    if t.dim() != ndim:
         raise ValueError(f"{name}: expected shape {dims}, got {list(t.shape)}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise ValueError(f"{name}: expected dtype {names}, got {dtype_name(t.dtype)}")
+
+
+def check_matrix(name: str, t, dims: str, dtypes=FLOAT_INPUTS) -> None:
+    """Require a 2-D tensor of one of `dtypes`; `dims` names the dimensions for the message, e.g. "[n, c]"."""
+    check_tensor(name, t, dims, 2, dtypes)
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, same_dtype: bool = True) -> None:
+    """Require `t` on the device of `ref` and, when `same_dtype`, of its dtype."""
+    if same_dtype and t.dtype != ref.dtype:
+        expected, got = dtype_name(ref.dtype), dtype_name(t.dtype)
+        raise ValueError(f"{name}: expected dtype {expected} (that of {ref_name}), got {got}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -39,8 +58,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise if `t` holds NaN or Inf, naming the first offending position."""
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}: expected finite values, found {t[row, col].item()} at [{row}, {col}]")
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, found {t[index].item()} at {list(index)}")
 
 
 def check_out(out, shape: tuple[int, int], device: torch.device, dims: str) -> None:
@@ -52,3 +71,13 @@ def check_out(out, shape: tuple[int, int], device: torch.device, dims: str) -> N
         raise ValueError(f"out: expected device {device} (that of the input), got {out.device}")
     if shape[1] > 1 and out.stride(1) != 1:
         raise ValueError(f"out: expected a contiguous last dimension (stride 1), got strides {list(out.stride())}")
+
+
+def check_or_allocate_out(out, shape: tuple[int, int], device: torch.device, dims: str, accumulate: bool):
+    """Validate a given `out` (see check_out) or allocate one; `accumulate` needs a given `out`."""
+    if out is not None:
+        check_out(out, shape, device, dims)
+        return out
+    if accumulate:
+        raise ValueError("accumulate: needs out= to accumulate into")
+    return torch.empty(shape, dtype=torch.float32, device=device)

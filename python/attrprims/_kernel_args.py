@@ -15,6 +15,11 @@ def projection_spec(module, seed: int, kind: str, k: int, s: int):
     return spec
 
 
+def _dtype_tag(module, dtype: torch.dtype):
+    """`module.DType` member of a float input dtype."""
+    return getattr(module.DType, _DTYPE_NAMES[dtype])
+
+
 def row_stride(t: torch.Tensor) -> int:
     """Elements between rows; any value >= the row length is valid when there is only one row."""
     return t.stride(0) if t.shape[0] > 1 else max(1, t.shape[1])
@@ -24,7 +29,7 @@ def project_args(module, spec, x: torch.Tensor, out: torch.Tensor, *, c: int, of
     """ProjectArgs reading `x` and writing `out`; both have a contiguous last dimension."""
     args = module.ProjectArgs()
     args.spec, args.n, args.c, args.offset = spec, x.shape[0], c, offset
-    args.in_ptr, args.in_dtype, args.in_row_stride = x.data_ptr(), getattr(module.DType, _DTYPE_NAMES[x.dtype]), row_stride(x)
+    args.in_ptr, args.in_dtype, args.in_row_stride = x.data_ptr(), _dtype_tag(module, x.dtype), row_stride(x)
     args.out_ptr, args.out_row_stride = out.data_ptr(), row_stride(out)
     args.accumulate, args.num_threads = accumulate, torch.get_num_threads()
     return args
@@ -35,6 +40,23 @@ def materialize_args(module, spec, out: torch.Tensor, *, offset: int):
     args = module.MaterializeArgs()
     args.spec, args.offset, args.c = spec, offset, out.shape[0]
     args.out_ptr, args.out_row_stride, args.num_threads = out.data_ptr(), row_stride(out), torch.get_num_threads()
+    return args
+
+
+def factored_project_args(module, a: torch.Tensor, delta: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor,
+                          out: torch.Tensor, *, accumulate: bool):
+    """FactoredProjectArgs reading a [n, t, d_in], delta [n, t, d_out] (a's dtype), p_out [d_out, k_out], p_in
+    [d_in, k_in] and writing out [n, k_out*k_in]; all have a contiguous last dimension."""
+    args = module.FactoredProjectArgs()
+    (args.n, args.t, args.d_in), args.d_out = a.shape, delta.shape[2]
+    args.k_out, args.k_in = p_out.shape[1], p_in.shape[1]
+    args.a_ptr, args.a_dtype = a.data_ptr(), _dtype_tag(module, a.dtype)
+    args.a_stride_n, args.a_stride_t = a.stride()[:2]
+    args.delta_ptr, (args.delta_stride_n, args.delta_stride_t) = delta.data_ptr(), delta.stride()[:2]
+    args.p_out_ptr, args.p_out_row_stride = p_out.data_ptr(), row_stride(p_out)
+    args.p_in_ptr, args.p_in_row_stride = p_in.data_ptr(), row_stride(p_in)
+    args.out_ptr, args.out_row_stride = out.data_ptr(), row_stride(out)
+    args.accumulate, args.num_threads = accumulate, torch.get_num_threads()
     return args
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _core
-from ._backend import cuda_module
+from ._backend import module_and_runner
 from ._checks import check_finite as _check_finite
-from ._checks import check_int, check_matrix, check_out, check_seed
-from ._kernel_args import KIND_NAMES, cuda_stream, materialize_args, project_args, projection_spec
+from ._checks import check_int, check_matrix, check_or_allocate_out, check_seed
+from ._kernel_args import KIND_NAMES, materialize_args, project_args, projection_spec
 
 DEFAULT_SJLT_S = 4
 MAX_K = 2**31 - 1
@@ -40,30 +39,14 @@ def _resolve_kind(kind: str, k, s) -> tuple[str, int, int]:
     return kind, k, 1
 
 
-def _module_and_runner(entry: str, name: str, device: torch.device):
-    """The compiled module for `device` and a function calling its `entry` on an args struct."""
-    if device.type == "cpu":
-        return _core, getattr(_core, f"{entry}_cpu")
-    if device.type == "cuda":
-        module = cuda_module(name, device)
-        kernel = getattr(module, f"{entry}_cuda")
-        return module, lambda args: kernel(args, device.index, cuda_stream(device))
-    raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {device}")
-
-
 def _launch(entry, x, name, out_shape, out_dims, *, seed, kind, k, s, offset, c, out, accumulate, check_finite):
     x = x.detach()
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
     if check_finite:
         _check_finite(name, x)
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate: needs out= to accumulate into")
-        out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    else:
-        check_out(out, out_shape, x.device, out_dims)
-    module, run = _module_and_runner(entry, name, x.device)
+    out = check_or_allocate_out(out, out_shape, x.device, out_dims, accumulate)
+    module, run = module_and_runner(entry, name, x.device)
     spec = projection_spec(module, seed, kind, k, s)
     run(project_args(module, spec, x, out, c=c, offset=offset, accumulate=accumulate))
     return out
@@ -159,7 +142,7 @@ class Projector:
             raise ValueError(f"rows: expected a slice with step 1, got step {step}")
         device = torch.device(device)
         out = torch.empty((max(0, stop - start), self.k), dtype=torch.float32, device=device)
-        module, run = _module_and_runner("materialize", "device", device)
+        module, run = module_and_runner("materialize", "device", device)
         run(materialize_args(module, projection_spec(module, self.seed, self.kind, self.k, self.s), out, offset=start))
         return out
 

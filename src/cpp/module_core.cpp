@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <thread>
 
+#include "attrprims/factored_projection_cpu.h"
 #include "attrprims/projection_cpu.h"
+#include "factored_projection_bindings.h"
 #include "projection_bindings.h"
 
 namespace py = pybind11;
@@ -35,12 +37,15 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "attrprims CPU kernels over raw pointers";
 
   bind_projection_types(m);
+  bind_factored_projection_types(m);
 
   auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("project_cpu", &project_cpu, py::arg("args"), no_gil, "out [n, k] = in [n, c] @ P[offset:offset+c]");
   m.def("project_transpose_cpu", &project_transpose_cpu, py::arg("args"), no_gil,
         "out [n, c] = in [n, k] @ P[offset:offset+c]^T");
   m.def("materialize_cpu", &materialize_cpu, py::arg("args"), no_gil, "out [c, k] = P[offset:offset+c]");
+  m.def("factored_project_cpu", &factored_project_cpu, py::arg("args"), no_gil,
+        "out [n, k_out*k_in] = (delta_i @ P_out)^T (a_i @ P_in) per example, flattened row-major");
   m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
         "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
 

@@ -9,10 +9,17 @@
 
 namespace attrprims {
 
+/// Expose the pointer field `field` of C as a read-write integer property `name` (pointers cross as integers).
+template <typename C, typename T>
+void def_pointer(pybind11::class_<C>& cls, const char* name, T* C::*field) {
+  cls.def_property(
+      name, [field](const C& c) { return reinterpret_cast<std::uintptr_t>(c.*field); },
+      [field](C& c, std::uintptr_t p) { c.*field = reinterpret_cast<T*>(p); });
+}
+
 /// Register DType, Kind, ProjectionSpec, ProjectArgs and MaterializeArgs on `m`; pointers are integers.
 inline void bind_projection_types(pybind11::module_& m) {
   namespace py = pybind11;
-  using ptr = std::uintptr_t;
   py::enum_<DType>(m, "DType", py::module_local()).value("f32", DType::f32).value("f16", DType::f16).value("bf16", DType::bf16);
   py::enum_<Kind>(m, "Kind", py::module_local())
       .value("rademacher", Kind::rademacher)
@@ -26,34 +33,28 @@ inline void bind_projection_types(pybind11::module_& m) {
       .def_readwrite("k", &ProjectionSpec::k)
       .def_readwrite("s", &ProjectionSpec::s);
 
-  py::class_<ProjectArgs>(m, "ProjectArgs", py::module_local())
-      .def(py::init<>())
+  py::class_<ProjectArgs> project(m, "ProjectArgs", py::module_local());
+  project.def(py::init<>())
       .def_readwrite("spec", &ProjectArgs::spec)
       .def_readwrite("n", &ProjectArgs::n)
       .def_readwrite("c", &ProjectArgs::c)
       .def_readwrite("offset", &ProjectArgs::offset)
-      .def_property(
-          "in_ptr", [](const ProjectArgs& a) { return reinterpret_cast<ptr>(a.in); },
-          [](ProjectArgs& a, ptr p) { a.in = reinterpret_cast<const void*>(p); })
       .def_readwrite("in_dtype", &ProjectArgs::in_dtype)
       .def_readwrite("in_row_stride", &ProjectArgs::in_row_stride)
-      .def_property(
-          "out_ptr", [](const ProjectArgs& a) { return reinterpret_cast<ptr>(a.out); },
-          [](ProjectArgs& a, ptr p) { a.out = reinterpret_cast<float*>(p); })
       .def_readwrite("out_row_stride", &ProjectArgs::out_row_stride)
       .def_readwrite("accumulate", &ProjectArgs::accumulate)
       .def_readwrite("num_threads", &ProjectArgs::num_threads);
+  def_pointer(project, "in_ptr", &ProjectArgs::in);
+  def_pointer(project, "out_ptr", &ProjectArgs::out);
 
-  py::class_<MaterializeArgs>(m, "MaterializeArgs", py::module_local())
-      .def(py::init<>())
+  py::class_<MaterializeArgs> materialize(m, "MaterializeArgs", py::module_local());
+  materialize.def(py::init<>())
       .def_readwrite("spec", &MaterializeArgs::spec)
       .def_readwrite("offset", &MaterializeArgs::offset)
       .def_readwrite("c", &MaterializeArgs::c)
-      .def_property(
-          "out_ptr", [](const MaterializeArgs& a) { return reinterpret_cast<ptr>(a.out); },
-          [](MaterializeArgs& a, ptr p) { a.out = reinterpret_cast<float*>(p); })
       .def_readwrite("out_row_stride", &MaterializeArgs::out_row_stride)
       .def_readwrite("num_threads", &MaterializeArgs::num_threads);
+  def_pointer(materialize, "out_ptr", &MaterializeArgs::out);
 }
 
 }  // namespace attrprims

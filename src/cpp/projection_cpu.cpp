@@ -4,19 +4,14 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "parallel_cpu.h"
 #include "projection_cpu_kernels.h"
 
 namespace attrprims {
 namespace {
 
-const CpuKernelTable& kernels() {
-#if defined(ATTRPRIMS_HAVE_AVX2)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return kCpuKernelsAvx2;
-#endif
-  return kCpuKernelsGeneric;
-}
+const CpuKernelTable& kernels() { return select_cpu_kernels(kCpuKernelsGeneric, AP_AVX2_TABLE(kCpuKernelsAvx2)); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -1,117 +1,25 @@
 // CPU projection kernels, compiled once per instruction set: the including TU defines AP_ISA_NS and
-// AP_ISA_TABLE. No standard-library templates here: out-of-line copies built with AVX2 could be merged
-// by the linker into the generic build.
+// AP_ISA_TABLE (the SIMD helpers and micro-kernel come from cpu_simd_impl.h, under the same rules).
 //
 // Dense kinds: a tile of P (256 rows x 128 columns, 128 KiB, L2-resident) is generated once per work
 // unit and applied to all of the unit's rows with a 6x16 register-blocked FMA micro-kernel. P is
 // generated scaled (entries ±1/√k or z/√k), so no pass over the output is needed afterwards.
-#include <cstdlib>
 #include <cstring>
-#include <new>
 
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_simd_impl.h"
 #include "projection_cpu_kernels.h"
 
 namespace attrprims {
 namespace AP_ISA_NS {
 
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-static inline v8f fma8(v8f a, v8f b, v8f c) {
-#if defined(__FMA__)
-  return reinterpret_cast<v8f>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
-                                               reinterpret_cast<__m256>(c)));
-#else
-  return a * b + c;
-#endif
-}
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-constexpr int kMR = 6;                 // register block rows: 6x2 accumulators + 2 B vectors + 1 broadcast = 15 ymm
-constexpr int kNR = 16;                // register block columns
 constexpr int64_t kTileDepth = 256;    // rows of P per tile
 constexpr int64_t kRowBlockCols = 128; // columns produced per row by one fill_row_block call
-
-/// Owns a 64-byte-aligned array of `count` elements of T.
-template <typename T>
-struct Buffer {
-  T* p;
-  explicit Buffer(int64_t count)
-      : p(static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>((count * sizeof(T) + 63) / 64 * 64)))) {
-    if (!p) throw std::bad_alloc();
-  }
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
-/// C[0:MR, 0:16] += A[0:MR, 0:depth] @ B[0:depth, 0:16]; rows lda / ldb / ldc elements apart.
-template <int MR>
-static void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t depth, float* C,
-                         int64_t ldc) {
-  v8f acc0[MR], acc1[MR];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    acc0[i] = load8(C + i * ldc);
-    acc1[i] = load8(C + i * ldc + 8);
-  }
-  for (int64_t r = 0; r < depth; ++r) {
-    const v8f b0 = load8(B + r * ldb), b1 = load8(B + r * ldb + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const v8f av = splat8(A[i * lda + r]);
-      acc0[i] = fma8(av, b0, acc0[i]);
-      acc1[i] = fma8(av, b1, acc1[i]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    store8(C + i * ldc, acc0[i]);
-    store8(C + i * ldc + 8, acc1[i]);
-  }
-}
-
-static void run_micro(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t depth, float* C,
-                      int64_t ldc) {
-  switch (mr) {
-    case 1: micro_kernel<1>(A, lda, B, ldb, depth, C, ldc); break;
-    case 2: micro_kernel<2>(A, lda, B, ldb, depth, C, ldc); break;
-    case 3: micro_kernel<3>(A, lda, B, ldb, depth, C, ldc); break;
-    case 4: micro_kernel<4>(A, lda, B, ldb, depth, C, ldc); break;
-    case 5: micro_kernel<5>(A, lda, B, ldb, depth, C, ldc); break;
-    default: micro_kernel<6>(A, lda, B, ldb, depth, C, ldc); break;
-  }
-}
 
 /// Input element idx of a buffer of dtype dt, as float.
 static inline float load_as_float(const void* base, DType dt, int64_t idx) {
   if (dt == DType::f32) return static_cast<const float*>(base)[idx];
   const uint16_t h = static_cast<const uint16_t*>(base)[idx];
   return dt == DType::f16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
-}
-
-/// dst[i, 0:cols] = float(src[i, 0:cols]) for `rows` rows; src rows src_stride apart, dst rows ld_dst.
-static void convert_rows(const void* src, DType dt, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
-                         int64_t ld_dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + i * src_stride;
-    float* d = dst + i * ld_dst;
-    if (dt == DType::f16) {
-      for (int64_t j = 0; j < cols; ++j) d[j] = f16_bits_to_float(s[j]);
-    } else {
-      for (int64_t j = 0; j < cols; ++j) d[j] = bf16_bits_to_float(s[j]);
-    }
-  }
 }
 
 /// vals[0:128] = P[row, 128·blk : 128·blk + 128] for a dense kind.

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "attrprims/factored_projection.h"
 #include "attrprims/projection.h"
 
 struct CUstream_st;
@@ -23,6 +24,10 @@ void project_transpose_cuda(const ProjectArgs& args, int device, cudaStream_t st
 
 /// out [c, k] = P[offset:offset+c], bit-identical to materialize_cpu.
 void materialize_cuda(const MaterializeArgs& args, int device, cudaStream_t stream);
+
+/// out [n, k_out·k_in] = (delta_i P_out)ᵀ (a_i P_in) per example on `device`, enqueued on `stream`. One block
+/// per (example, 64 x 64 tile of out_i), summing in a fixed order: bitwise reproducible, no atomics.
+void factored_project_cuda(const FactoredProjectArgs& args, int device, cudaStream_t stream);
 
 /// What the CUDA runtime reports on this machine: devices (0 with `error` set when none is usable).
 struct CudaRuntimeInfo {

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda_api.h"
+#include "factored_projection_bindings.h"
 #include "projection_bindings.h"
 
 namespace py = pybind11;
@@ -19,6 +20,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "attrprims CUDA kernels over raw device pointers, enqueued on the caller's stream";
 
   bind_projection_types(m);
+  bind_factored_projection_types(m);
 
   auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("project_workspace_bytes_cuda", &project_workspace_bytes_cuda, py::arg("args"));
@@ -35,6 +37,12 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "materialize_cuda",
       [](const MaterializeArgs& a, int device, std::uintptr_t stream) { materialize_cuda(a, device, as_stream(stream)); },
+      py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
+  m.def(
+      "factored_project_cuda",
+      [](const FactoredProjectArgs& a, int device, std::uintptr_t stream) {
+        factored_project_cuda(a, device, as_stream(stream));
+      },
       py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
   m.def(
       "device_count",

@@ -328,12 +328,9 @@ void project_cuda(const ProjectArgs& a, void* workspace, int64_t workspace_bytes
   if (a.n == 0) return;
   DeviceGuard guard(device);
   float* ws = static_cast<float*>(workspace);
-  switch (a.in_dtype) {
-    case DType::f32: launch_project<float>(a, ws, workspace_bytes, device, stream); break;
-    case DType::f16: launch_project<__half>(a, ws, workspace_bytes, device, stream); break;
-    case DType::bf16: launch_project<__nv_bfloat16>(a, ws, workspace_bytes, device, stream); break;
-    default: AP_CHECK(false, "in_dtype", "must be f32, f16 or bf16");
-  }
+  dispatch_input_type(a.in_dtype, "in_dtype", [&](auto x) {
+    launch_project<decltype(x)>(a, ws, workspace_bytes, device, stream);
+  });
 }
 
 void materialize_cuda(const MaterializeArgs& a, int device, cudaStream_t stream) {

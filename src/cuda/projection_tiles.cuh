@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA projection kernels: input loads and pieces of P written to shared memory.
+// Helpers shared by the CUDA projection kernels: input types and loads, and pieces of P written to shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,6 +19,18 @@ __device__ __forceinline__ float load_float<__half>(const __half* p) {
 template <>
 __device__ __forceinline__ float load_float<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
+}
+
+/// Call fn(T()) with T the CUDA type of input dtype `dt` (float, __half or __nv_bfloat16); `param` names the
+/// dtype field in the error for any other value.
+template <typename Fn>
+void dispatch_input_type(DType dt, const char* param, Fn&& fn) {
+  switch (dt) {
+    case DType::f32: fn(float()); break;
+    case DType::f16: fn(__half()); break;
+    case DType::bf16: fn(__nv_bfloat16()); break;
+    default: AP_CHECK(false, param, "must be f32, f16 or bf16");
+  }
 }
 
 /// dst[b * stride] = P[row, col0 + b] for b < count (col0 % count == 0, count divides 32): Rademacher

@@ -111,12 +111,7 @@ void project_transpose_cuda(const ProjectArgs& a, int device, cudaStream_t strea
   AP_CHECK((a.c + kTileP - 1) / kTileP <= int64_t{0x7FFFFFFF}, "c", "too many rows of P for one CUDA call");
   if (a.n == 0 || a.c == 0) return;
   DeviceGuard guard(device);
-  switch (a.in_dtype) {
-    case DType::f32: launch<float>(a, stream); break;
-    case DType::f16: launch<__half>(a, stream); break;
-    case DType::bf16: launch<__nv_bfloat16>(a, stream); break;
-    default: AP_CHECK(false, "in_dtype", "must be f32, f16 or bf16");
-  }
+  dispatch_input_type(a.in_dtype, "in_dtype", [&](auto x) { launch<decltype(x)>(a, stream); });
 }
 
 }  // namespace attrprims

@@ -1,0 +1,198 @@
+"""Per-example parameter gradients of single layers from their input a and output gradient δ.
+
+One ordinary forward/backward over a batch gives each layer's a [n, ...] and δ [n, ...]; a layer's
+per-example gradient is a small function of the two (a Linear weight's is Σ_t δ_t a_tᵀ over the
+tokens t of an example). Each rule returns that gradient as pieces (local parameter name, element
+offset inside the flattened parameter, [n, c] values), so an Embedding can hand over only the rows
+its examples used, and, for weight matrices, its factored projection Σ_t (δ_t P_out)ᵀ(a_t P_in).
+
+A layer is supported only when its class keeps the stock forward (a subclass that overrides forward,
+as LoRA layers do, is not) and its direct parameters are the stock weight/bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factored_projection import project_factored
+
+
+def _tokens(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """[n, T, width] view (or copy) of a batch-first activation with `width` as its last dimension."""
+    return t.reshape(n, -1, width)
+
+
+def _float_for_kernel(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
+
+
+class _LinearRule:
+    factored = True
+
+    @staticmethod
+    def pieces(m: nn.Linear, a, delta, n, wanted):
+        d = _tokens(delta, n, m.out_features)
+        if "weight" in wanted:
+            yield "weight", 0, torch.bmm(d.transpose(1, 2), _tokens(a, n, m.in_features)).reshape(n, -1)
+        if "bias" in wanted:
+            yield "bias", 0, d.sum(1)
+
+    @staticmethod
+    def project_weight(m: nn.Linear, a, delta, n, p_out, p_in):
+        a3 = _float_for_kernel(_tokens(a, n, m.in_features))
+        d3 = _float_for_kernel(_tokens(delta, n, m.out_features)).to(a3.dtype)
+        return project_factored(a3, d3, p_out, p_in)
+
+
+class _Conv2dRule:
+    """Conv2d as a Linear over output positions: a_t is the unfolded receptive field at position t."""
+
+    factored = True
+
+    @staticmethod
+    def _unfold(m: nn.Conv2d, a, n):
+        a = F.pad(a, m._reversed_padding_repeated_twice)
+        u = F.unfold(a, m.kernel_size, dilation=m.dilation, stride=m.stride)  # [n, C_in·kh·kw, L]
+        g = m.groups
+        return u.reshape(n, g, u.shape[1] // g, u.shape[2])
+
+    @staticmethod
+    def pieces(m: nn.Conv2d, a, delta, n, wanted):
+        d = delta.reshape(n, m.groups, m.out_channels // m.groups, -1)
+        if "weight" in wanted:
+            u = _Conv2dRule._unfold(m, a, n)
+            yield "weight", 0, torch.einsum("ngol,ngil->ngoi", d, u).reshape(n, -1)
+        if "bias" in wanted:
+            yield "bias", 0, d.sum(3).reshape(n, -1)
+
+    @staticmethod
+    def project_weight(m: nn.Conv2d, a, delta, n, p_out, p_in):
+        u = _float_for_kernel(_Conv2dRule._unfold(m, a, n))
+        d = _float_for_kernel(delta).to(u.dtype).reshape(n, m.groups, m.out_channels // m.groups, -1)
+        rows = m.out_channels // m.groups
+        out = None
+        for g in range(m.groups):
+            a3, d3 = u[:, g].transpose(1, 2), d[:, g].transpose(1, 2)
+            out = project_factored(a3, d3, p_out[g * rows:(g + 1) * rows], p_in, out=out, accumulate=out is not None)
+        return out
+
+
+class _EmbeddingRule:
+    """The weight's per-example gradient is nonzero only in the rows of the ids an example uses."""
+
+    factored = True
+
+    @staticmethod
+    def _masked(m: nn.Embedding, ids, delta, n):
+        ids = ids.reshape(n, -1)
+        d = _tokens(delta, n, m.embedding_dim)
+        if m.padding_idx is not None:
+            d = d * (ids != m.padding_idx).unsqueeze(-1).to(d.dtype)
+        return ids, d
+
+    @staticmethod
+    def pieces(m: nn.Embedding, ids, delta, n, wanted):
+        ids, d = _EmbeddingRule._masked(m, ids, delta, n)
+        if "weight" not in wanted or ids.numel() == 0:
+            return
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        width = m.embedding_dim
+        grads = d.new_zeros(n, rows.numel(), width)
+        grads.scatter_add_(1, inverse.unsqueeze(-1).expand(-1, -1, width), d)
+        # Consecutive ids are contiguous rows of the weight: one piece per run.
+        rows = rows.tolist()
+        start = 0
+        for j in range(1, len(rows) + 1):
+            if j == len(rows) or rows[j] != rows[j - 1] + 1:
+                yield "weight", rows[start] * width, grads[:, start:j].reshape(n, -1)
+                start = j
+
+    @staticmethod
+    def project_weight(m: nn.Embedding, ids, delta, n, p_out, p_in):
+        ids, d = _EmbeddingRule._masked(m, ids, delta, n)
+        left = p_out[ids]                                  # [n, T, k_out]: P_outᵀ one_hot(id_t)
+        right = _float_for_kernel(d).float() @ p_in        # [n, T, k_in]
+        return torch.bmm(left.transpose(1, 2), right).reshape(n, -1)
+
+
+def _affine_pieces(m, x_hat, delta, n, wanted, trailing: bool):
+    """y = weight ⊙ x̂ + bias: per-example sums of δ ⊙ x̂ and of δ over every axis but the parameters' own
+    (the trailing normalised axes for LayerNorm/RMSNorm, the channel axis 1 for BatchNorm/GroupNorm)."""
+    width = (m.weight if m.weight is not None else m.bias).numel()
+    shape, axis = ((n, -1, width), 1) if trailing else ((n, width, -1), 2)
+    if "weight" in wanted:
+        yield "weight", 0, (delta * x_hat).reshape(shape).sum(axis)
+    if "bias" in wanted:
+        yield "bias", 0, delta.reshape(shape).sum(axis)
+
+
+class _LayerNormRule:
+    factored = False
+
+    @staticmethod
+    def pieces(m: nn.LayerNorm, a, delta, n, wanted):
+        yield from _affine_pieces(m, F.layer_norm(a, m.normalized_shape, None, None, m.eps), delta, n, wanted, True)
+
+
+class _RMSNormRule:
+    factored = False
+
+    @staticmethod
+    def pieces(m, a, delta, n, wanted):
+        yield from _affine_pieces(m, F.rms_norm(a, m.normalized_shape, None, m.eps), delta, n, wanted, True)
+
+
+class _GroupNormRule:
+    factored = False
+
+    @staticmethod
+    def pieces(m: nn.GroupNorm, a, delta, n, wanted):
+        yield from _affine_pieces(m, F.group_norm(a, m.num_groups, None, None, m.eps), delta, n, wanted, False)
+
+
+class _BatchNormRule:
+    factored = False
+
+    @staticmethod
+    def pieces(m, a, delta, n, wanted):
+        if uses_batch_statistics(m):
+            x_hat = F.batch_norm(a, None, None, None, None, True, 0.0, m.eps)
+        else:
+            x_hat = F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+        yield from _affine_pieces(m, x_hat, delta, n, wanted, False)
+
+
+def uses_batch_statistics(m: nn.Module) -> bool:
+    """True for a BatchNorm layer that normalises with the batch's statistics, coupling the examples."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+
+
+_RULES = [
+    (nn.Linear, _LinearRule, {"weight", "bias"}),
+    (nn.Conv2d, _Conv2dRule, {"weight", "bias"}),
+    (nn.Embedding, _EmbeddingRule, {"weight"}),
+    (nn.LayerNorm, _LayerNormRule, {"weight", "bias"}),
+    (nn.RMSNorm, _RMSNormRule, {"weight"}),
+    (nn.GroupNorm, _GroupNormRule, {"weight", "bias"}),
+    (nn.modules.batchnorm._BatchNorm, _BatchNormRule, {"weight", "bias"}),
+]
+
+
+def rule_for(m: nn.Module):
+    """The rule computing `m`'s per-example parameter gradients, or None if the layer path cannot."""
+    for cls, rule, names in _RULES:
+        if isinstance(m, cls):
+            own = {name for name, _ in m.named_parameters(recurse=False)}
+            supported = type(m).forward is cls.forward and own <= names and _supported_options(m)
+            return rule if supported else None
+    return None
+
+
+def _supported_options(m: nn.Module) -> bool:
+    if isinstance(m, nn.Conv2d):
+        return m.padding_mode == "zeros"
+    if isinstance(m, nn.Embedding):
+        return not m.scale_grad_by_freq
+    return True
