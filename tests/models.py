@@ -24,10 +24,11 @@ def mlp(bias=True):
 
 
 def cnn():
-    """Conv2d (padding, stride, groups, no bias), BatchNorm in eval mode, GroupNorm, in-place ReLU."""
+    """Conv2d (padding, stride, groups, no bias), BatchNorm2d/1d in eval mode, GroupNorm, in-place ReLU."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False), nn.GroupNorm(2, 6), nn.Flatten(), nn.Linear(24, 3))
+        nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False), nn.GroupNorm(2, 6), nn.Flatten(), nn.Linear(24, 5),
+        nn.BatchNorm1d(5), nn.Linear(5, 3))
 
 
 class TinyLM(nn.Module):
@@ -99,10 +100,10 @@ def setting(name, n, seed=0):
     model = model.double().eval()
     with torch.no_grad():  # non-trivial norm statistics and affine parameters
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 if getattr(m, "bias", None) is not None:
                     m.bias.uniform_(-0.5, 0.5, generator=g)

@@ -1,6 +1,8 @@
-"""The build: _cuda exists where CI expects it, and build_info / cuda_available describe what was built."""
+"""The build: _cuda exists where CI expects it, build_info / cuda_available describe what was built, the README runs."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,10 @@ def test_cuda_available_gives_a_reason():
     status = attrprims.cuda_available()
     assert isinstance(status.available, bool) and bool(status) == status.available
     assert status.reason
+
+
+def test_readme_quickstart_runs():
+    """The README's quickstart is executed as written, so it stays true."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md quickstart", "exec"), {})

@@ -152,7 +152,7 @@ def test_non_finite_gradients_name_the_examples(path):
 def test_batchnorm_in_train_mode():
     model, out, batch, _ = models.setting("cnn", 4)
     model.train()
-    with pytest.warns(UserWarning, match=r"model: BatchNorm layer\(s\) '1' .* ill-defined"):
+    with pytest.warns(UserWarning, match=r"model: BatchNorm layer\(s\) '1', '7' normalise .* ill-defined"):
         per_sample_grads(model, out, batch, path="layer")
     with pytest.raises(ValueError, match="model: BatchNorm.*call model.eval"):
         per_sample_grads(model, out, batch, path="generic")

@@ -117,51 +117,29 @@ class _EmbeddingRule:
         return torch.bmm(left.transpose(1, 2), right).reshape(n, -1)
 
 
-def _affine_pieces(m, x_hat, delta, n, wanted, trailing: bool):
-    """y = weight ⊙ x̂ + bias: per-example sums of δ ⊙ x̂ and of δ over every axis but the parameters' own
-    (the trailing normalised axes for LayerNorm/RMSNorm, the channel axis 1 for BatchNorm/GroupNorm)."""
-    width = (m.weight if m.weight is not None else m.bias).numel()
-    shape, axis = ((n, -1, width), 1) if trailing else ((n, width, -1), 2)
-    if "weight" in wanted:
-        yield "weight", 0, (delta * x_hat).reshape(shape).sum(axis)
-    if "bias" in wanted:
-        yield "bias", 0, delta.reshape(shape).sum(axis)
+class _NormRule:
+    """y = weight ⊙ x̂ + bias, with x̂ recomputed from the input by `normalize`: the per-example gradients are
+    the sums of δ ⊙ x̂ and of δ over every axis but the parameters' own (the trailing normalised axes for
+    LayerNorm/RMSNorm, the channel axis 1 for BatchNorm/GroupNorm)."""
 
-
-class _LayerNormRule:
     factored = False
 
-    @staticmethod
-    def pieces(m: nn.LayerNorm, a, delta, n, wanted):
-        yield from _affine_pieces(m, F.layer_norm(a, m.normalized_shape, None, None, m.eps), delta, n, wanted, True)
+    def __init__(self, normalize, trailing: bool):
+        self.normalize, self.trailing = normalize, trailing
+
+    def pieces(self, m, a, delta, n, wanted):
+        width = (m.weight if m.weight is not None else m.bias).numel()
+        shape, axis = ((n, -1, width), 1) if self.trailing else ((n, width, -1), 2)
+        if "weight" in wanted:
+            yield "weight", 0, (delta * self.normalize(m, a)).reshape(shape).sum(axis)
+        if "bias" in wanted:
+            yield "bias", 0, delta.reshape(shape).sum(axis)
 
 
-class _RMSNormRule:
-    factored = False
-
-    @staticmethod
-    def pieces(m, a, delta, n, wanted):
-        yield from _affine_pieces(m, F.rms_norm(a, m.normalized_shape, None, m.eps), delta, n, wanted, True)
-
-
-class _GroupNormRule:
-    factored = False
-
-    @staticmethod
-    def pieces(m: nn.GroupNorm, a, delta, n, wanted):
-        yield from _affine_pieces(m, F.group_norm(a, m.num_groups, None, None, m.eps), delta, n, wanted, False)
-
-
-class _BatchNormRule:
-    factored = False
-
-    @staticmethod
-    def pieces(m, a, delta, n, wanted):
-        if uses_batch_statistics(m):
-            x_hat = F.batch_norm(a, None, None, None, None, True, 0.0, m.eps)
-        else:
-            x_hat = F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-        yield from _affine_pieces(m, x_hat, delta, n, wanted, False)
+def _batch_norm_x_hat(m, a):
+    if uses_batch_statistics(m):
+        return F.batch_norm(a, None, None, None, None, True, 0.0, m.eps)
+    return F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
 
 def uses_batch_statistics(m: nn.Module) -> bool:
@@ -173,10 +151,12 @@ _RULES = [
     (nn.Linear, _LinearRule, {"weight", "bias"}),
     (nn.Conv2d, _Conv2dRule, {"weight", "bias"}),
     (nn.Embedding, _EmbeddingRule, {"weight"}),
-    (nn.LayerNorm, _LayerNormRule, {"weight", "bias"}),
-    (nn.RMSNorm, _RMSNormRule, {"weight"}),
-    (nn.GroupNorm, _GroupNormRule, {"weight", "bias"}),
-    (nn.modules.batchnorm._BatchNorm, _BatchNormRule, {"weight", "bias"}),
+    (nn.LayerNorm, _NormRule(lambda m, a: F.layer_norm(a, m.normalized_shape, None, None, m.eps), True),
+     {"weight", "bias"}),
+    (nn.RMSNorm, _NormRule(lambda m, a: F.rms_norm(a, m.normalized_shape, None, m.eps), True), {"weight"}),
+    (nn.GroupNorm, _NormRule(lambda m, a: F.group_norm(a, m.num_groups, None, None, m.eps), False),
+     {"weight", "bias"}),
+    (nn.modules.batchnorm._BatchNorm, _NormRule(_batch_norm_x_hat, False), {"weight", "bias"}),
 ]
 
 
