@@ -60,6 +60,25 @@ def time_cuda(fn, warmup=3, repeat=20, samples=False):
     return times if samples else statistics.median(times)
 
 
+def free_bytes(device):
+    """Bytes that can still be allocated on `device` (MemAvailable on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_jiffies():
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat; zeros where unreadable."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    return f[0] + f[1] + f[2] + f[5] + f[6], (f[7] if len(f) > 7 else 0), sum(f[:8])
+
+
 def _cpu_model():
     """CPU model name (with family/model, as KVM guests often see only 'AMD EPYC') from /proc/cpuinfo or platform."""
     try:

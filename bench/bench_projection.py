@@ -17,7 +17,7 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
 
 SEED = 20240
 KINDS = ("rademacher", "gaussian", "sjlt")
@@ -43,25 +43,6 @@ def shapes(device, quick):
 def pow2(v):
     """'2^e' for a power of two, else the number."""
     return f"2^{v.bit_length() - 1}" if v & (v - 1) == 0 else str(v)
-
-
-def free_bytes(device):
-    """Bytes that can still be allocated on `device` (MemAvailable on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def cpu_steal_jiffies():
-    """(steal, total) jiffies of all CPUs from /proc/stat (a VM's time taken by the host); (0, 0) elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
 
 def make_timer(device, repeat):
@@ -186,7 +167,7 @@ def main():
     slug = args.slug or ("cpu-epyc-zen1-2c" if device.type == "cpu" else
                          "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-"))
     gen = torch.Generator(device=device).manual_seed(0)
-    rows, checks, started, steal0 = [], [], time.perf_counter(), cpu_steal_jiffies()
+    rows, checks, started, steal0 = [], [], time.perf_counter(), cpu_jiffies()[1:]
 
     def measure(x, k, kinds, dtype, P=None, x_mm=None, matmul_text=None, peer_on=True):
         """Time ours for `kinds`, the matmul x_mm @ P and traker in one round-robin; append one row per kind."""
@@ -269,7 +250,7 @@ def main():
                                                             "ours-only row"), peer_on=False)
 
     elapsed = time.perf_counter() - started
-    steal = [b - a for a, b in zip(steal0, cpu_steal_jiffies())]
+    steal = [b - a for a, b in zip(steal0, cpu_jiffies()[1:])]
     worst = max((c["rel_err_vs_matmul"] for c in checks), default=None)
     if device.type == "cuda":
         timing = (f"CUDA events, median of >= {max(repeat, 20)} calls after 3 warmups, one function after the other; "
