@@ -5,6 +5,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def time_cuda(fn, warmup=3, repeat=20, samples=False):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times if samples else statistics.median(times)
+
+
+def bench_device(name):
+    """The torch.device for --device NAME; exits with the reason when attrprims' CUDA kernels cannot run."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        import attrprims
+
+        status = attrprims.cuda_available()
+        if not status:
+            sys.exit(f"--device cuda: {status.reason}")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def free_bytes(device):

@@ -22,7 +22,8 @@ from torch import nn
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import (bench_device, cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda,  # noqa: E402
+                     write_results)
 
 SEED = 20240
 K, K_OUT, K_IN = 2048, 64, 32
@@ -560,12 +561,7 @@ def main():
         sys.exit(f"--variants: expected letters among {''.join(VARIANTS)}, got {args.variants!r}")
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        status = attrprims.cuda_available()
-        if not status:
-            sys.exit(f"--device cuda: {status.reason}")
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = bench_device(args.device)
     repeat = args.repeat or (20 if device.type == "cuda" else 2 if args.quick else 3)
     min_total_s = 0.1 if args.quick else 1.0
     configs = model_configs(args)

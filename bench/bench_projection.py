@@ -17,7 +17,8 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import (bench_device, cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda,  # noqa: E402
+                     write_results)
 
 SEED = 20240
 KINDS = ("rademacher", "gaussian", "sjlt")
@@ -153,12 +154,7 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        status = attrprims.cuda_available()
-        if not status:
-            sys.exit(f"--device cuda: {status.reason}")
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = bench_device(args.device)
     repeat = args.repeat or (20 if device.type == "cuda" else 3)
     timer = make_timer(device, repeat)
     peer = Peer(device, args.peer_max_s) if args.peers == "on" else None

@@ -1,4 +1,4 @@
-"""Small float64 models covering every layer the layer path supports (and some it does not), with batches and outputs."""
+"""Small float64 models covering every layer the layer path supports (and some it does not), batches, outputs."""
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,8 @@ def setting(name, n, seed=0):
         batch = (torch.randint(0, 11, (n, length), generator=g), torch.randint(0, 11, (n, length), generator=g))
         out = sequence_log_prob
     elif name == "attention":
-        model, batch = AttentionClassifier(), (torch.randn(n, 4, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+        model = AttentionClassifier()
+        batch = (torch.randn(n, 4, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
         out = margin
     else:
         raise KeyError(name)

@@ -34,7 +34,8 @@ class FactoredProjector:
 
     def __init__(self, p, k_out, k_in, seed=0, kind="rademacher"):
         if kind not in FACTOR_KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(map(repr, FACTOR_KINDS))} for the factors, got {kind!r}")
+            names = ", ".join(map(repr, FACTOR_KINDS))
+            raise ValueError(f"kind: expected one of {names} for the factors, got {kind!r}")
         k_out = check_int("k_out", k_out, 1, _MAX_FACTOR_K)
         k_in = check_int("k_in", k_in, 1, _MAX_FACTOR_K)
         self.dense = Projector(p, k_out * k_in, seed, kind)
@@ -53,7 +54,8 @@ class FactoredProjector:
         """(P_out [d_out, k_out], P_in [d_in, k_in]) float32 on `device` for the weight block at `offset`; cached."""
         offset, d_out, d_in = check_int("offset", offset, 0), check_int("d_out", d_out, 1), check_int("d_in", d_in, 1)
         if offset + d_out * d_in > self.p:
-            raise ValueError(f"offset: the block {offset}..{offset + d_out * d_in} ({d_out} x {d_in}) exceeds p = {self.p}")
+            raise ValueError(f"offset: the block {offset}..{offset + d_out * d_in} ({d_out} x {d_in}) exceeds "
+                             f"p = {self.p}")
         key = (offset, d_out, d_in, torch.device(device))
         if key not in self._factors:
             self._factors[key] = (self.out_factor.matrix(slice(offset, offset + d_out), device=device),
