@@ -92,7 +92,7 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
     """Project each example's gradient to k dimensions without holding all n × p of them.
 
     Equivalent to `projector(per_sample_grads(model, output_fn, batch, params=params, flat=True))` (for a
-    FactoredProjector, to the flat gradients times its `matrix`).
+    FactoredProjector, to the flat gradients times the matrix its docstring defines: P_out ⊗ P_in on weight blocks).
 
     Args: as `per_sample_grads`, plus
         projector: Projector or FactoredProjector with p == param_layout(model, params).p. A FactoredProjector
