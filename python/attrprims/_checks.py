@@ -13,6 +13,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def kernel_float(t: torch.Tensor) -> torch.Tensor:
+    """`t` if the kernels take its dtype (FLOAT_INPUTS), else cast to float32 (float64 models' gradients)."""
+    return t if t.dtype in FLOAT_INPUTS else t.float()
+
+
 def check_tensor(name: str, t, dims: str, ndim: int, dtypes=FLOAT_INPUTS) -> None:
     """Require an `ndim`-D tensor of one of `dtypes`; `dims` names the dimensions for messages, e.g. "[n, t, d]"."""
     if not isinstance(t, torch.Tensor):

@@ -16,16 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import kernel_float
 from .factored_projection import project_factored
 
 
 def _tokens(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
     """[n, T, width] view (or copy) of a batch-first activation with `width` as its last dimension."""
     return t.reshape(n, -1, width)
-
-
-def _float_for_kernel(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
 
 
 class _LinearRule:
@@ -41,8 +38,8 @@ class _LinearRule:
 
     @staticmethod
     def project_weight(m: nn.Linear, a, delta, n, p_out, p_in):
-        a3 = _float_for_kernel(_tokens(a, n, m.in_features))
-        d3 = _float_for_kernel(_tokens(delta, n, m.out_features)).to(a3.dtype)
+        a3 = kernel_float(_tokens(a, n, m.in_features))
+        d3 = kernel_float(_tokens(delta, n, m.out_features)).to(a3.dtype)
         return project_factored(a3, d3, p_out, p_in)
 
 
@@ -69,8 +66,8 @@ class _Conv2dRule:
 
     @staticmethod
     def project_weight(m: nn.Conv2d, a, delta, n, p_out, p_in):
-        u = _float_for_kernel(_Conv2dRule._unfold(m, a, n))
-        d = _float_for_kernel(delta).to(u.dtype).reshape(n, m.groups, m.out_channels // m.groups, -1)
+        u = kernel_float(_Conv2dRule._unfold(m, a, n))
+        d = kernel_float(delta).to(u.dtype).reshape(n, m.groups, m.out_channels // m.groups, -1)
         rows = m.out_channels // m.groups
         out = None
         for g in range(m.groups):
@@ -113,7 +110,7 @@ class _EmbeddingRule:
     def project_weight(m: nn.Embedding, ids, delta, n, p_out, p_in):
         ids, d = _EmbeddingRule._masked(m, ids, delta, n)
         left = p_out[ids]                                  # [n, T, k_out]: P_outᵀ one_hot(id_t)
-        right = _float_for_kernel(d).float() @ p_in        # [n, T, k_in]
+        right = d.float() @ p_in                           # [n, T, k_in]
         return torch.bmm(left.transpose(1, 2), right).reshape(n, -1)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from ._checks import kernel_float
 from ._layer_rules import rule_for, uses_batch_statistics
 from .factored_projector import FactoredProjector
 from .param_layout import ParamLayout, param_layout
@@ -119,7 +120,7 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
     kronecker = _kronecker_weights(model, layout) if factored else {}
 
     def add(name, lo, values):
-        dense(_projectable(values), layout.offset(name) + lo, out=out, accumulate=True)
+        dense(kernel_float(values), layout.offset(name) + lo, out=out, accumulate=True)
 
     def add_weight(name, rule, module, a, delta):
         p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
@@ -319,10 +320,6 @@ def _chunks(layout: ParamLayout, names, budget: int):
         previous = i
     if run:
         yield run
-
-
-def _projectable(values: torch.Tensor) -> torch.Tensor:
-    return values if values.dtype in (torch.float32, torch.float16, torch.bfloat16) else values.float()
 
 
 def _check_finite_rows(n: int, tensors) -> None:
