@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 KIND_NAMES = ("rademacher", "gaussian", "sjlt")
-_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
 
 
 def projection_spec(module, seed: int, kind: str, k: int, s: int):
@@ -57,6 +57,18 @@ def factored_project_args(module, a: torch.Tensor, delta: torch.Tensor, p_out: t
     args.p_in_ptr, args.p_in_row_stride = p_in.data_ptr(), row_stride(p_in)
     args.out_ptr, args.out_row_stride = out.data_ptr(), row_stride(out)
     args.accumulate, args.num_threads = accumulate, torch.get_num_threads()
+    return args
+
+
+def gram_update_args(module, x: torch.Tensor, g: torch.Tensor, comp: torch.Tensor | None):
+    """GramUpdateArgs adding x [b, k]ᵀ x into the lower triangle of g [k, k] (float64, or float32 with Kahan
+    compensation `comp`); x has a contiguous last dimension, g and comp are contiguous."""
+    args = module.GramUpdateArgs()
+    args.b, args.k = x.shape
+    args.x_ptr, args.x_dtype, args.x_row_stride = x.data_ptr(), _dtype_tag(module, x.dtype), row_stride(x)
+    args.g_ptr, args.g_row_stride, args.g_f32 = g.data_ptr(), row_stride(g), g.dtype == torch.float32
+    args.comp_ptr = comp.data_ptr() if comp is not None else 0
+    args.num_threads = torch.get_num_threads()
     return args
 
 

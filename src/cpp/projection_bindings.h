@@ -20,7 +20,8 @@ void def_pointer(pybind11::class_<C>& cls, const char* name, T* C::*field) {
 /// Register DType, Kind, ProjectionSpec, ProjectArgs and MaterializeArgs on `m`; pointers are integers.
 inline void bind_projection_types(pybind11::module_& m) {
   namespace py = pybind11;
-  py::enum_<DType>(m, "DType", py::module_local()).value("f32", DType::f32).value("f16", DType::f16).value("bf16", DType::bf16);
+  py::enum_<DType>(m, "DType", py::module_local()).value("f32", DType::f32).value("f16", DType::f16).value("bf16", DType::bf16)
+      .value("f64", DType::f64);
   py::enum_<Kind>(m, "Kind", py::module_local())
       .value("rademacher", Kind::rademacher)
       .value("gaussian", Kind::gaussian)

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "attrprims/factored_projection.h"
+#include "attrprims/gram.h"
 #include "attrprims/projection.h"
 
 struct CUstream_st;
@@ -28,6 +29,10 @@ void materialize_cuda(const MaterializeArgs& args, int device, cudaStream_t stre
 /// out [n, k_out·k_in] = (delta_i P_out)ᵀ (a_i P_in) per example on `device`, enqueued on `stream`. One block
 /// per (example, 64 x 64 tile of out_i), summing in a fixed order: bitwise reproducible, no atomics.
 void factored_project_cuda(const FactoredProjectArgs& args, int device, cudaStream_t stream);
+
+/// Lower triangle of G += Xᵀ X on `device`, enqueued on `stream`: one block per 64 x 64 tile, rows summed in a
+/// fixed order (fp64, or fp32 tensor-core slices of 256 rows for f16/bf16), so results are reproducible.
+void gram_update_cuda(const GramUpdateArgs& args, int device, cudaStream_t stream);
 
 /// What the CUDA runtime reports on this machine: devices (0 with `error` set when none is usable).
 struct CudaRuntimeInfo {

@@ -5,6 +5,7 @@
 
 #include "cuda_api.h"
 #include "factored_projection_bindings.h"
+#include "gram_bindings.h"
 #include "projection_bindings.h"
 
 namespace py = pybind11;
@@ -21,6 +22,7 @@ PYBIND11_MODULE(_cuda, m) {
 
   bind_projection_types(m);
   bind_factored_projection_types(m);
+  bind_gram_types(m);
 
   auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("project_workspace_bytes_cuda", &project_workspace_bytes_cuda, py::arg("args"));
@@ -43,6 +45,10 @@ PYBIND11_MODULE(_cuda, m) {
       [](const FactoredProjectArgs& a, int device, std::uintptr_t stream) {
         factored_project_cuda(a, device, as_stream(stream));
       },
+      py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
+  m.def(
+      "gram_update_cuda",
+      [](const GramUpdateArgs& a, int device, std::uintptr_t stream) { gram_update_cuda(a, device, as_stream(stream)); },
       py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
   m.def(
       "device_count",

@@ -16,11 +16,11 @@
 
 namespace attrprims {
 
-/// Element type of an input buffer. Outputs are always float32.
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+/// Element type of an input buffer (f64: Gram and scoring inputs only; the projections reject it).
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
 /// Size in bytes of one element of `dt`.
-static inline int64_t dtype_size(DType dt) { return dt == DType::f32 ? 4 : 2; }
+static inline int64_t dtype_size(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
 
 /// Throw std::invalid_argument("<param>: <what>") when `cond` is false (pybind11 maps it to ValueError).
 #define AP_CHECK(cond, param, what)                                                   \
