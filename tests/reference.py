@@ -143,3 +143,16 @@ def factored_matrix(projector, blocks) -> torch.Tensor:
         p_out, p_in = projector.factors(offset, d_out, d_in)
         m[offset:offset + d_out * d_in] = torch.kron(p_out.double(), p_in.double())
     return m
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """G = xᵀx in float64."""
+    x = x.cpu().double()
+    return x.T @ x
+
+
+def damped_solve(g: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """Rows of (G + λI)⁻¹ rhsᵀ in float64: solve(G + λI, rhs.T).T."""
+    g = g.cpu().double()
+    eye = torch.eye(g.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(g + damping * eye, rhs.cpu().double().reshape(-1, g.shape[0]).T).T.reshape(rhs.shape)

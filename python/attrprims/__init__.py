@@ -8,12 +8,13 @@ from ._backend import CudaStatus, build_info, cuda_available
 from ._core import build_info as _core_info
 from .factored_projection import project_factored
 from .factored_projector import FactoredProjector
+from .gram import GramAccumulator
 from .param_layout import ParamLayout, param_layout
 from .per_sample_grads import per_sample_grads, project_grads
 from .projection import Projector, project, project_transpose
 
 __version__ = _core_info["version"]
 
-__all__ = ["CudaStatus", "FactoredProjector", "ParamLayout", "Projector", "__version__", "build_info",
+__all__ = ["CudaStatus", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "__version__", "build_info",
            "cuda_available", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
            "project_transpose"]
