@@ -156,3 +156,21 @@ def damped_solve(g: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Te
     g = g.cpu().double()
     eye = torch.eye(g.shape[0], dtype=torch.float64)
     return torch.linalg.solve(g + damping * eye, rhs.cpu().double().reshape(-1, g.shape[0]).T).T.reshape(rhs.shape)
+
+
+def scores(phi_test: torch.Tensor, K, phi_train: torch.Tensor, weights=None) -> torch.Tensor:
+    """φ_test K Φ_trainᵀ (columns times weights) in float64."""
+    a = phi_test.cpu().double()
+    if K is not None:
+        a = a @ K.cpu().double()
+    s = a @ phi_train.cpu().double().T
+    return s * weights.cpu().double() if weights is not None else s
+
+
+def ranked(s: torch.Tensor, t: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the t best (value, index) of s: by value, ties to the smaller index."""
+    values = s.numpy()
+    order = np.stack([np.lexsort((np.arange(s.shape[1]), -row if largest else row))[:t] for row in values]) \
+        if s.shape[0] else np.zeros((0, t), dtype=np.int64)
+    idx = torch.from_numpy(order.astype(np.int64)).reshape(s.shape[0], t)
+    return s.gather(1, idx), idx

@@ -12,9 +12,10 @@ from .gram import GramAccumulator
 from .param_layout import ParamLayout, param_layout
 from .per_sample_grads import per_sample_grads, project_grads
 from .projection import Projector, project, project_transpose
+from .scoring import Ranked, score
 
 __version__ = _core_info["version"]
 
-__all__ = ["CudaStatus", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "__version__", "build_info",
+__all__ = ["CudaStatus", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "Ranked", "__version__", "build_info",
            "cuda_available", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
-           "project_transpose"]
+           "project_transpose", "score"]

@@ -58,14 +58,26 @@ def cuda_module(name: str, device: torch.device):
 
 
 def module_and_runner(entry: str, name: str, device: torch.device):
-    """The compiled module for `device` and a function calling its `{entry}_cpu` / `{entry}_cuda` on an args struct
-    (CUDA entries get the device index and torch's current stream). `name` is the tensor named in errors."""
+    """The compiled module for `device` and a function calling its `{entry}_cpu` / `{entry}_cuda` on an args struct.
+
+    CUDA entries get the device index and torch's current stream, and, when the module has
+    `{entry}_workspace_bytes_cuda`, a workspace of that size from torch's caching allocator (kernels never
+    allocate). `name` is the tensor named in errors."""
     if device.type == "cpu":
         return _core, getattr(_core, f"{entry}_cpu")
     if device.type == "cuda":
         module = cuda_module(name, device)
         kernel = getattr(module, f"{entry}_cuda")
-        return module, lambda args: kernel(args, device.index, cuda_stream(device))
+        workspace_bytes = getattr(module, f"{entry}_workspace_bytes_cuda", None)
+        if workspace_bytes is None:
+            return module, lambda args: kernel(args, device.index, cuda_stream(device))
+
+        def run(args):
+            size = workspace_bytes(args)
+            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+            kernel(args, workspace.data_ptr(), size, device.index, cuda_stream(device))
+
+        return module, run
     raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {device}")
 
 

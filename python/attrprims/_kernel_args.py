@@ -72,6 +72,24 @@ def gram_update_args(module, x: torch.Tensor, g: torch.Tensor, comp: torch.Tenso
     return args
 
 
+def score_topk_args(module, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None, index_offset: int,
+                    top: tuple[torch.Tensor, torch.Tensor], bottom: tuple[torch.Tensor, torch.Tensor]):
+    """ScoreTopkArgs scoring a [m, k] float32 against b [n, k] (weights w [n] float32 or None), merging into the
+    running (values, indices) lists top [m, t] and bottom [m, t'] (contiguous)."""
+    args = module.ScoreTopkArgs()
+    (args.m, args.k), args.n = a.shape, b.shape[0]
+    args.a_ptr, args.a_row_stride = a.data_ptr(), row_stride(a)
+    args.b_ptr, args.b_dtype, args.b_row_stride = b.data_ptr(), _dtype_tag(module, b.dtype), row_stride(b)
+    args.w_ptr, args.index_offset = (w.data_ptr() if w is not None else 0), index_offset
+    (tv, ti), (bv, bi) = top, bottom
+    args.top, args.top_values_ptr, args.top_indices_ptr, args.top_row_stride = tv.shape[1], tv.data_ptr(), \
+        ti.data_ptr(), row_stride(tv)
+    args.bottom, args.bottom_values_ptr, args.bottom_indices_ptr, args.bottom_row_stride = bv.shape[1], \
+        bv.data_ptr(), bi.data_ptr(), row_stride(bv)
+    args.num_threads = torch.get_num_threads()
+    return args
+
+
 def cuda_stream(device: torch.device) -> int:
     """Handle of torch's current stream on `device`, where CUDA work must go."""
     return torch.cuda.current_stream(device).cuda_stream

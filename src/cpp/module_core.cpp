@@ -7,9 +7,11 @@
 
 #include "attrprims/factored_projection_cpu.h"
 #include "attrprims/gram_cpu.h"
+#include "attrprims/score_topk_cpu.h"
 #include "attrprims/projection_cpu.h"
 #include "factored_projection_bindings.h"
 #include "gram_bindings.h"
+#include "score_topk_bindings.h"
 #include "projection_bindings.h"
 
 namespace py = pybind11;
@@ -41,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
   bind_projection_types(m);
   bind_factored_projection_types(m);
   bind_gram_types(m);
+  bind_score_topk_types(m);
 
   auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("project_cpu", &project_cpu, py::arg("args"), no_gil, "out [n, k] = in [n, c] @ P[offset:offset+c]");
@@ -51,6 +54,8 @@ PYBIND11_MODULE(_core, m) {
         "out [n, k_out*k_in] = (delta_i @ P_out)^T (a_i @ P_in) per example, flattened row-major");
   m.def("gram_update_cpu", &gram_update_cpu, py::arg("args"), no_gil,
         "lower triangle of G [k, k] += X^T X for X [b, k], fp64 sums (Kahan-compensated when G is float32)");
+  m.def("score_topk_cpu", &score_topk_cpu, py::arg("args"), no_gil,
+        "merge the scores (a @ b^T) * w of each test row into its running top/bottom lists");
   m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
         "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
 

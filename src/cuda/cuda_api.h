@@ -6,6 +6,7 @@
 #include "attrprims/factored_projection.h"
 #include "attrprims/gram.h"
 #include "attrprims/projection.h"
+#include "attrprims/score_topk.h"
 
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
@@ -33,6 +34,15 @@ void factored_project_cuda(const FactoredProjectArgs& args, int device, cudaStre
 /// Lower triangle of G += Xᵀ X on `device`, enqueued on `stream`: one block per 64 x 64 tile, rows summed in a
 /// fixed order (fp64, or fp32 tensor-core slices of 256 rows for f16/bf16), so results are reproducible.
 void gram_update_cuda(const GramUpdateArgs& args, int device, cudaStream_t stream);
+
+/// Bytes of device workspace score_topk_cuda needs for `args` (segment heaps and the merge area).
+int64_t score_topk_workspace_bytes_cuda(const ScoreTopkArgs& args);
+
+/// Merge the scores (a_i · b_j)·w_j into each row's running top/bottom lists on `device`, enqueued on `stream`.
+/// Blocks of 64 test rows x a training segment keep heaps in shared memory (so top + bottom is bounded by the
+/// GPU's shared memory per block), then one thread per row merges; bitwise reproducible.
+void score_topk_cuda(const ScoreTopkArgs& args, void* workspace, int64_t workspace_bytes, int device,
+                     cudaStream_t stream);
 
 /// What the CUDA runtime reports on this machine: devices (0 with `error` set when none is usable).
 struct CudaRuntimeInfo {

@@ -6,6 +6,7 @@
 #include "cuda_api.h"
 #include "factored_projection_bindings.h"
 #include "gram_bindings.h"
+#include "score_topk_bindings.h"
 #include "projection_bindings.h"
 
 namespace py = pybind11;
@@ -23,6 +24,7 @@ PYBIND11_MODULE(_cuda, m) {
   bind_projection_types(m);
   bind_factored_projection_types(m);
   bind_gram_types(m);
+  bind_score_topk_types(m);
 
   auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("project_workspace_bytes_cuda", &project_workspace_bytes_cuda, py::arg("args"));
@@ -50,6 +52,13 @@ PYBIND11_MODULE(_cuda, m) {
       "gram_update_cuda",
       [](const GramUpdateArgs& a, int device, std::uintptr_t stream) { gram_update_cuda(a, device, as_stream(stream)); },
       py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
+  m.def("score_topk_workspace_bytes_cuda", &score_topk_workspace_bytes_cuda, py::arg("args"));
+  m.def(
+      "score_topk_cuda",
+      [](const ScoreTopkArgs& a, std::uintptr_t workspace, int64_t workspace_bytes, int device, std::uintptr_t stream) {
+        score_topk_cuda(a, reinterpret_cast<void*>(workspace), workspace_bytes, device, as_stream(stream));
+      },
+      py::arg("args"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"), no_gil);
   m.def(
       "device_count",
       []() {
