@@ -1,5 +1,5 @@
-// CPU scoring with a fused top-k: argument checks, the split into (test rows x training segment) units, each
-// with its own heaps, and the final per-row merge with the running lists.
+// CPU scoring with a fused top-k: argument checks, packing of the test rows, the split into (test rows x
+// training segment) units with heaps per segment, and the final per-row merge with the running lists.
 #include "attrprims/score_topk_cpu.h"
 
 #include <algorithm>
@@ -17,9 +17,9 @@ const ScoreCpuKernelTable& kernels() {
   return select_cpu_kernels(kScoreCpuKernelsGeneric, AP_AVX2_TABLE(kScoreCpuKernelsAvx2));
 }
 
-constexpr int64_t kRowsPerUnit = 1024;    // test rows per unit: each packed panel serves them all
-constexpr int64_t kMinSegment = 256;      // training rows per segment, at least
-constexpr int64_t kUnitsPerThread = 4;    // enough units to balance the threads
+constexpr int64_t kPanelsPerUnit = 16;   // test panels per unit (256 rows: 256·k floats, in L2)
+constexpr int64_t kMinSegment = 192;     // training rows per segment, at least
+constexpr int64_t kUnitsPerThread = 4;   // enough units to balance the threads
 
 std::string got(int64_t v) { return ", got " + std::to_string(v); }
 
@@ -54,19 +54,28 @@ void score_topk_cpu(const ScoreTopkArgs& a) {
   if (a.m == 0 || a.n == 0 || slots == 0) return;
   const ScoreCpuKernelTable& kt = kernels();
   const int threads = std::max(1, a.num_threads);
-  const int64_t row_groups = (a.m + kRowsPerUnit - 1) / kRowsPerUnit;
+  // Test rows packed once: panel p = [k, 16] of rows 16p..16p+15 (zeros past m).
+  const int64_t panels = (a.m + kScorePanel - 1) / kScorePanel;
+  std::vector<float> test(static_cast<size_t>(panels * a.k * kScorePanel), 0.0f);
+  parallel_for(threads, panels, [&](int64_t p) {
+    for (int64_t c = 0; c < std::min(kScorePanel, a.m - p * kScorePanel); ++c) {
+      const float* row = a.a + (p * kScorePanel + c) * a.a_row_stride;
+      for (int64_t r = 0; r < a.k; ++r) test[static_cast<size_t>((p * a.k + r) * kScorePanel + c)] = row[r];
+    }
+  });
+  const int64_t row_groups = (panels + kPanelsPerUnit - 1) / kPanelsPerUnit;
   const int64_t wanted = (threads * kUnitsPerThread + row_groups - 1) / row_groups;
   const int64_t segments = std::max<int64_t>(1, std::min(wanted, a.n / kMinSegment));
-  // Heaps per (segment, row): `top` slots then `bottom` slots, all empty (-1) to begin with.
+  // Heaps per (segment, test row): `top` slots then `bottom` slots, all empty (-1) to begin with.
   const size_t cells = static_cast<size_t>(segments * a.m * slots);
   std::vector<float> values(cells, 0.0f);
   std::vector<int64_t> indices(cells, -1);
   parallel_for(threads, segments * row_groups, [&](int64_t u) {
     const int64_t s = u / row_groups, g = u % row_groups;
-    const int64_t i0 = g * kRowsPerUnit, i1 = std::min(a.m, i0 + kRowsPerUnit);
+    const int64_t p0 = g * kPanelsPerUnit, p1 = std::min(panels, p0 + kPanelsPerUnit);
     const int64_t j0 = a.n * s / segments, j1 = a.n * (s + 1) / segments;
-    const size_t at = static_cast<size_t>((s * a.m + i0) * slots);
-    kt.segment(a, i0, i1, j0, j1, ScoreHeaps{values.data() + at, indices.data() + at, slots});
+    const size_t at = static_cast<size_t>(s * a.m * slots);
+    kt.segment(a, test.data(), p0, p1, j0, j1, ScoreHeaps{values.data() + at, indices.data() + at, slots});
   });
   // Merge per row: the running list and every segment's heap go through one heap, which is then sorted.
   parallel_for(threads, a.m, [&](int64_t i) {

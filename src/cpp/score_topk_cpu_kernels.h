@@ -5,7 +5,10 @@
 
 namespace attrprims {
 
-/// Per-unit heaps: for rows [i0, i1) of a unit, `top` slots then `bottom` slots per row, rows `ld` slots apart.
+/// Test rows per packed panel (the micro-kernel's width).
+constexpr int64_t kScorePanel = 16;
+
+/// Heaps of one training segment: row i's `top` slots then `bottom` slots at i·ld (all m rows).
 struct ScoreHeaps {
   float* values = nullptr;
   int64_t* indices = nullptr;
@@ -15,8 +18,10 @@ struct ScoreHeaps {
 /// Work units over raw pointers.
 struct ScoreCpuKernelTable {
   const char* name;
-  /// Offer the scores of test rows [i0, i1) against training rows [j0, j1) to `heaps` (row i at (i - i0)·ld).
-  void (*segment)(const ScoreTopkArgs& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const ScoreHeaps& heaps);
+  /// Offer the scores of test panels [p0, p1) against training rows [j0, j1) to `heaps`. `test` holds the
+  /// test rows packed once per call: panel p is [k, kScorePanel] at p·k·kScorePanel (rows 16p.., zeros past m).
+  void (*segment)(const ScoreTopkArgs& a, const float* test, int64_t p0, int64_t p1, int64_t j0, int64_t j1,
+                  const ScoreHeaps& heaps);
 };
 
 extern const ScoreCpuKernelTable kScoreCpuKernelsGeneric;

@@ -1,56 +1,71 @@
 // CPU scoring kernel, compiled once per instruction set: the including TU defines AP_ISA_NS and AP_ISA_TABLE
 // (the 6x16 micro-kernel comes from cpu_simd_impl.h).
 //
-// Training rows are transposed into packed [k, 16] panels, kPanels at a time (converted from fp16/bf16 once);
-// each 6-row block of test rows then meets every panel of the group over the full depth k, so a 6 x 16 tile of
-// scores lives in registers and goes straight into the rows' heaps: no score is ever written to memory.
+// The test rows are packed once per call into [k, 16] panels; training rows are read in place (fp16/bf16
+// converted kGroup rows at a time). Each 6 x 16 tile (6 training rows x 16 test rows, full depth k) lives in
+// registers and goes straight into the test rows' heaps: no score is ever written to memory. A test panel
+// stays in L1 while the kGroup training rows (in L2) pass over it.
 #include "cpu_simd_impl.h"
 #include "score_topk_cpu_kernels.h"
 
 namespace attrprims {
 namespace AP_ISA_NS {
 
-constexpr int64_t kPanels = 8;  // panels of 16 training rows packed together (128 rows)
+static_assert(kScorePanel == kNR, "test panels are the micro-kernel's width");
+constexpr int64_t kGroup = 48;  // training rows per group (a multiple of kMR)
 
-/// dst[r·16 + c] = b[j0 + c, r] for c < cols (zeros past), r < k: a transposed panel of training rows.
-/// row_buf: k floats for a converted fp16/bf16 row.
-static void pack_panel(const ScoreTopkArgs& a, int64_t j0, int64_t cols, float* dst, float* row_buf) {
-  for (int64_t c = 0; c < kNR; ++c) {
-    if (c >= cols) {
-      for (int64_t r = 0; r < a.k; ++r) dst[r * kNR + c] = 0.0f;
-      continue;
-    }
-    const int64_t row = (j0 + c) * a.b_row_stride;
-    const float* src = static_cast<const float*>(a.b) + row;
-    if (a.b_dtype != DType::f32) {
-      convert_rows(static_cast<const uint16_t*>(a.b) + row, a.b_dtype, a.b_row_stride, 1, a.k, row_buf, a.k);
-      src = row_buf;
-    }
-    for (int64_t r = 0; r < a.k; ++r) dst[r * kNR + c] = src[r];
-  }
+/// The value a candidate must beat to enter a heap whose root is (v, idx): -inf (top) / +inf (bottom) while it
+/// has empty slots. Candidates of a unit arrive in increasing index order, so a tie with the root never enters.
+static inline float entry_bar(const float* v, const int64_t* idx, int64_t size, bool largest) {
+  if (size == 0) return largest ? __builtin_inff() : -__builtin_inff();
+  if (idx[0] < 0) return largest ? -__builtin_inff() : __builtin_inff();
+  return v[0];
 }
 
-static void segment(const ScoreTopkArgs& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const ScoreHeaps& h) {
-  Buffer<float> packed(kPanels * kNR * (a.k > 0 ? a.k : 1)), row_buf(a.k > 0 ? a.k : 1);
+static void segment(const ScoreTopkArgs& a, const float* test, int64_t p0, int64_t p1, int64_t j0, int64_t j1,
+                    const ScoreHeaps& h) {
+  const bool convert = a.b_dtype != DType::f32;
+  Buffer<float> rows_buf(convert ? kGroup * (a.k > 0 ? a.k : 1) : 1);
+  // Entry bars of this unit's test rows [16·p0, 16·p1): a cheap first test before any heap is touched.
+  const int64_t i0 = p0 * kNR, i1 = min64(a.m, p1 * kNR);
+  Buffer<float> bar_top(i1 - i0 + 1), bar_bottom(i1 - i0 + 1);
+  for (int64_t i = i0; i < i1; ++i) {
+    bar_top.p[i - i0] = entry_bar(h.values + i * h.ld, h.indices + i * h.ld, a.top, true);
+    bar_bottom.p[i - i0] = entry_bar(h.values + i * h.ld + a.top, h.indices + i * h.ld + a.top, a.bottom, false);
+  }
   float tile[kMR * kNR];
-  for (int64_t g0 = j0; g0 < j1; g0 += kPanels * kNR) {
-    const int64_t panels = min64(kPanels, (j1 - g0 + kNR - 1) / kNR);
-    for (int64_t p = 0; p < panels; ++p)
-      pack_panel(a, g0 + p * kNR, min64(kNR, j1 - g0 - p * kNR), packed.p + p * kNR * a.k, row_buf.p);
-    for (int64_t ib = i0; ib < i1; ib += kMR) {
-      const int mr = static_cast<int>(min64(kMR, i1 - ib));
-      for (int64_t p = 0; p < panels; ++p) {
-        const int64_t c0 = g0 + p * kNR, cols = min64(kNR, j1 - c0);
+  for (int64_t g0 = j0; g0 < j1; g0 += kGroup) {
+    const int64_t rows = min64(kGroup, j1 - g0);
+    const float* X = static_cast<const float*>(a.b) + g0 * a.b_row_stride;
+    int64_t ldx = a.b_row_stride;
+    if (convert) {
+      convert_rows(static_cast<const uint16_t*>(a.b) + g0 * a.b_row_stride, a.b_dtype, a.b_row_stride, rows, a.k,
+                   rows_buf.p, a.k);
+      X = rows_buf.p;
+      ldx = a.k;
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = min64(kNR, a.m - p * kNR);
+      for (int64_t jb = 0; jb < rows; jb += kMR) {
+        const int mr = static_cast<int>(min64(kMR, rows - jb));
         for (int e = 0; e < kMR * kNR; ++e) tile[e] = 0.0f;
-        run_micro(mr, a.a + ib * a.a_row_stride, a.a_row_stride, packed.p + p * kNR * a.k, kNR, a.k, tile, kNR);
+        run_micro(mr, X + jb * ldx, ldx, test + p * a.k * kNR, kNR, a.k, tile, kNR);
         for (int r = 0; r < mr; ++r) {
-          float* values = h.values + (ib + r - i0) * h.ld;
-          int64_t* indices = h.indices + (ib + r - i0) * h.ld;
+          const int64_t j = g0 + jb + r, index = a.index_offset + j;
+          const float w = a.w != nullptr ? a.w[j] : 1.0f;
           for (int64_t c = 0; c < cols; ++c) {
-            const float s = a.w != nullptr ? tile[r * kNR + c] * a.w[c0 + c] : tile[r * kNR + c];
-            const int64_t index = a.index_offset + c0 + c;
-            heap_offer(values, indices, a.top, s, index, true);
-            heap_offer(values + a.top, indices + a.top, a.bottom, s, index, false);
+            const float s = a.w != nullptr ? tile[r * kNR + c] * w : tile[r * kNR + c];
+            const int64_t i = p * kNR + c;
+            float* values = h.values + i * h.ld;
+            int64_t* indices = h.indices + i * h.ld;
+            if (s > bar_top.p[i - i0]) {
+              heap_offer(values, indices, a.top, s, index, true);
+              bar_top.p[i - i0] = entry_bar(values, indices, a.top, true);
+            }
+            if (s < bar_bottom.p[i - i0]) {
+              heap_offer(values + a.top, indices + a.top, a.bottom, s, index, false);
+              bar_bottom.p[i - i0] = entry_bar(values + a.top, indices + a.top, a.bottom, false);
+            }
           }
         }
       }
