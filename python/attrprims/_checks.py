@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from . import _core
+
 FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 UINT64_MAX = 2**64 - 1
+_SCAN_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,7 +63,18 @@ def check_seed(seed) -> int:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise if `t` holds NaN or Inf, naming the first offending position."""
+    """Raise if `t` holds NaN or Inf, naming the first offending position.
+
+    CPU matrices with a contiguous last dimension are scanned by a single-threaded compiled loop: a torch op
+    here would leave torch's OpenMP workers spinning while the kernel that follows starts its own threads."""
+    if t.device.type == "cpu" and t.dim() == 2 and t.dtype in _SCAN_TAGS and (t.shape[1] <= 1 or t.stride(1) == 1):
+        rows, cols = t.shape
+        flat = _core.find_non_finite_cpu(t.data_ptr(), getattr(_core.DType, _SCAN_TAGS[t.dtype]), rows, cols,
+                                         t.stride(0) if rows > 1 else max(cols, 1))
+        if flat < 0:
+            return
+        index = (flat // cols, flat % cols)
+        raise ValueError(f"{name}: expected finite values, found {t[index].item()} at {list(index)}")
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])

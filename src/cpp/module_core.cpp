@@ -7,6 +7,7 @@
 
 #include "attrprims/factored_projection_cpu.h"
 #include "attrprims/gram_cpu.h"
+#include "attrprims/non_finite_cpu.h"
 #include "attrprims/score_topk_cpu.h"
 #include "attrprims/projection_cpu.h"
 #include "factored_projection_bindings.h"
@@ -56,6 +57,13 @@ PYBIND11_MODULE(_core, m) {
         "lower triangle of G [k, k] += X^T X for X [b, k], fp64 sums (Kahan-compensated when G is float32)");
   m.def("score_topk_cpu", &score_topk_cpu, py::arg("args"), no_gil,
         "merge the scores (a @ b^T) * w of each test row into its running top/bottom lists");
+  m.def(
+      "find_non_finite_cpu",
+      [](std::uintptr_t x, DType dtype, int64_t rows, int64_t cols, int64_t row_stride) {
+        return find_non_finite_cpu(reinterpret_cast<const void*>(x), dtype, rows, cols, row_stride);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), no_gil,
+      "flat index of the first NaN/Inf of x [rows, cols] (columns contiguous), or -1");
   m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
         "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
 
