@@ -6,6 +6,8 @@ are composed from them. `build_info()` says what was built, `cuda_available()` w
 
 from ._backend import CudaStatus, build_info, cuda_available
 from ._core import build_info as _core_info
+from . import ensemble
+from .ensemble import EnsembleAccumulator
 from .factored_projection import project_factored
 from .factored_projector import FactoredProjector
 from .gram import GramAccumulator
@@ -16,6 +18,6 @@ from .scoring import Ranked, score
 
 __version__ = _core_info["version"]
 
-__all__ = ["CudaStatus", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "Ranked", "__version__", "build_info",
-           "cuda_available", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
+__all__ = ["CudaStatus", "EnsembleAccumulator", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "Ranked", "__version__", "build_info",
+           "cuda_available", "ensemble", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
            "project_transpose", "score"]
