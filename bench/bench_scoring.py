@@ -7,7 +7,6 @@ the same outputs: per test row the t largest and t smallest of (φ_test K) Φ_tr
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 from pathlib import Path
@@ -62,9 +61,17 @@ def _peak_child(m, n, k, t, variant, device_name, threads, conn):
         torch.cuda.synchronize()
         conn.send((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _high_water_kib()
         fn(a, b, t)
-        conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        conn.send((_high_water_kib() - base) / 1024)
+
+
+def _high_water_kib():
+    """VmHWM of this process: peak RSS since exec (ru_maxrss would include the spawning parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def peak_mib(m, n, k, t, variant, device, threads):
@@ -114,7 +121,7 @@ def main():
         "Data: synthetic standard-normal features (K = identity; φ_test K costs m·k² either way).",
         "fused: attrprims.score(phi_test, None, phi_train, topk=t, bottomk=t): scores never leave registers "
         "(CPU) / shared memory (CUDA). materialise: s = phi_test @ phi_train.T; s.topk(t); s.topk(t, largest=False).",
-        "peak_MiB: increase of peak memory during one call over the inputs, in a fresh process (CPU: ru_maxrss; "
+        "peak_MiB: increase of peak memory during one call over the inputs, in a fresh process (CPU: VmHWM; "
         "CUDA: torch.cuda.max_memory_allocated). scores_MiB: size of the [m, n] float32 matrix.",
         "same_indices: fraction of rows whose top and bottom index lists are identical (fp32 near-ties may reorder).",
         f"{args.threads} torch threads; medians of >= 3 round-robin calls (CPU) or 5 CUDA-event timings.",
