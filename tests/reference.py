@@ -174,3 +174,132 @@ def ranked(s: torch.Tensor, t: int, largest: bool) -> tuple[torch.Tensor, torch.
         if s.shape[0] else np.zeros((0, t), dtype=np.int64)
     idx = torch.from_numpy(order.astype(np.int64)).reshape(s.shape[0], t)
     return s.gather(1, idx), idx
+
+
+def _loss_of_flat(model, loss_fn, names, model_args, weight):
+    """θ [p] -> (batch -> weight · Σ_i loss_fn(model(θ), batch)[i]), the parameters `names` taken from θ."""
+    tensors = dict(model.named_parameters())
+
+    def at(theta, batch):
+        params, start = {}, 0
+        for name in names:
+            params[name] = theta[start:start + tensors[name].numel()].reshape(tensors[name].shape)
+            start += tensors[name].numel()
+        args, kwargs = model_args(batch)
+        return torch.func.functional_call(model, params, args, kwargs)
+
+    return at, lambda o, batch: weight * loss_fn(o, batch).sum()
+
+
+def _flat(model, names) -> torch.Tensor:
+    tensors = dict(model.named_parameters())
+    return torch.cat([tensors[name].detach().reshape(-1) for name in names]).double()
+
+
+def _weight(batches, reduction):
+    leaves = [next(t for t in torch.utils._pytree.tree_leaves(b) if isinstance(t, torch.Tensor)) for b in batches]
+    return 1 / sum(t.shape[0] for t in leaves) if reduction == "mean" else 1.0
+
+
+def hessian(model, loss_fn, batches, names, model_args, reduction="mean") -> torch.Tensor:
+    """[p, p] float64 Hessian of w Σ_batches Σ_i loss_fn[i] (w = 1/N or 1) in the flat θ of `names`, row by row."""
+    theta = _flat(model, names).requires_grad_(True)
+    outputs, loss = _loss_of_flat(model, loss_fn, names, model_args, _weight(batches, reduction))
+    total = sum(loss(outputs(theta, b), b) for b in batches)
+    g = torch.autograd.grad(total, theta, create_graph=True)[0]
+    return torch.stack([torch.autograd.grad(g[j], theta, retain_graph=True)[0] for j in range(theta.numel())])
+
+
+def ggn(model, loss_fn, batches, names, model_args, reduction="mean") -> torch.Tensor:
+    """[p, p] float64 Σ_batches Jᵀ H_o J: J = ∂outputs/∂θ, H_o = ∇²_o of w Σ_i loss_fn[i] (dense jacobian/hessian)."""
+    theta = _flat(model, names)
+    outputs, loss = _loss_of_flat(model, loss_fn, names, model_args, _weight(batches, reduction))
+    total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for b in batches:
+        o = outputs(theta, b).detach()
+        jac = torch.autograd.functional.jacobian(lambda t: outputs(t, b), theta).reshape(o.numel(), -1)
+        h_o = torch.autograd.functional.hessian(lambda flat: loss(flat.reshape(o.shape), b), o.reshape(-1))
+        total += jac.T @ h_o @ jac
+    return total
+
+
+def empirical_fisher(grads: torch.Tensor, reduction="mean") -> torch.Tensor:
+    """[p, p] float64 w Σ_i g_i g_iᵀ of per-example gradients [N, p] (w = 1/N or 1)."""
+    g = grads.double()
+    return g.T @ g / (g.shape[0] if reduction == "mean" else 1)
+
+
+def ekfac(model, loss_fn, batches, names, model_args, reduction="mean") -> torch.Tensor:
+    """[p, p] float64 EK-FAC matrix of the Linear layers owning `names`: per layer (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ
+    on [weight | bias], Q the eigenvectors of A = Σ ã ãᵀ and S = Σ δ δᵀ, Λ = w Σ_i (Q_Sᵀ G_i Q_A)²."""
+    offsets, p = {}, 0
+    tensors = dict(model.named_parameters())
+    for name in names:
+        offsets[name], p = p, p + tensors[name].numel()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and any(f"{n}.{local}".lstrip(".") in offsets for local in ("weight", "bias"))]
+    grads = torch.cat([per_sample_grads(model, loss_fn, b, names, model_args) for b in batches])
+    w = 1 / grads.shape[0] if reduction == "mean" else 1.0
+    out = torch.zeros(p, p, dtype=torch.float64)
+    for layer_name, m in layers:
+        weight, bias = (offsets.get(f"{layer_name}.{local}".lstrip(".")) for local in ("weight", "bias"))
+        a_sum, s_sum = 0, 0
+        for b in batches:
+            seen = []
+
+            def probe(module, args, output):
+                zero = torch.zeros_like(output, requires_grad=True)
+                seen.append((args[0].detach(), zero))
+                return output + zero
+
+            handle = m.register_forward_hook(probe)
+            args, kwargs = model_args(b)
+            total = loss_fn(model(*args, **kwargs), b).sum()
+            handle.remove()
+            deltas = torch.autograd.grad(total, [z for _, z in seen])
+            for (a, _), delta in zip(seen, deltas):
+                a = a.reshape(-1, m.in_features).double()
+                ones = torch.ones(a.shape[0], 1, dtype=torch.float64)
+                a = torch.cat(([a] if weight is not None else []) + ([ones] if bias is not None else []), 1)
+                delta = delta.reshape(-1, m.out_features).double()
+                a_sum, s_sum = a_sum + a.T @ a, s_sum + delta.T @ delta
+        q_a, q_s = torch.linalg.eigh(a_sum)[1], torch.linalg.eigh(s_sum)[1]
+        index = []  # flat position of each entry of [weight | bias] [d_out, width], row-major
+        for o in range(m.out_features):
+            if weight is not None:
+                index += [weight + o * m.in_features + i for i in range(m.in_features)]
+            if bias is not None:
+                index.append(bias + o)
+        g = grads[:, index].reshape(-1, m.out_features, q_a.shape[0])
+        values = w * ((q_s.T @ g @ q_a) ** 2).sum(0)
+        k, index = torch.kron(q_s, q_a), torch.tensor(index)
+        out[index[:, None], index[None, :]] = k @ torch.diag(values.reshape(-1)) @ k.T
+    return out
+
+
+def datainf(grads: torch.Tensor, blocks, v: torch.Tensor, reduction="mean") -> torch.Tensor:
+    """Rows of DataInf's estimate of (F + λI)⁻¹v, F = (c/N) Σ g gᵀ (c = 1 or N) per block (offset, size, λ):
+    (1/c) mean_i (g_i g_iᵀ + (λ/c) I)⁻¹ v, each inverse by torch.linalg.inv."""
+    g, v = grads.double(), v.double()
+    n = g.shape[0]
+    c = n if reduction == "sum" else 1
+    out = torch.zeros_like(v)
+    for offset, size, lam in blocks:
+        gl = g[:, offset:offset + size]
+        eye = torch.eye(size, dtype=torch.float64)
+        mean_inverse = sum(torch.linalg.inv(gl[i:i + 1].T @ gl[i:i + 1] + lam / c * eye) for i in range(n)) / n
+        out[:, offset:offset + size] = v[:, offset:offset + size] @ mean_inverse / c
+    return out
+
+
+def combine(xs, weights=None, reduce: str = "mean") -> torch.Tensor:
+    """Weighted mean (or sum) of the stacked members in float64."""
+    x = torch.stack([t.cpu().double() for t in xs])
+    w = torch.ones(len(xs), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    total = (x * w.reshape(-1, *[1] * (x.dim() - 1))).sum(0)
+    return total / w.sum() if reduce == "mean" else total
+
+
+def trak_combine(scores_per_model, out_to_loss_per_model) -> torch.Tensor:
+    """mean_m(scores_m) [m_test, n_train] times mean_m(Q_m) [n_train] per column, in float64."""
+    return combine(scores_per_model) * combine(out_to_loss_per_model)[None, :]

@@ -11,13 +11,17 @@ from .ensemble import EnsembleAccumulator
 from .factored_projection import project_factored
 from .factored_projector import FactoredProjector
 from .gram import GramAccumulator
+from .hvp import HessianOperator, ggn_vp, hvp
+from .ihvp import SOLVERS, IHVPResult, IHVPSolver, ihvp_solver
 from .param_layout import ParamLayout, param_layout
 from .per_sample_grads import per_sample_grads, project_grads
 from .projection import Projector, project, project_transpose
 from .scoring import Ranked, score
+from .store import FeatureStore
 
 __version__ = _core_info["version"]
 
-__all__ = ["CudaStatus", "EnsembleAccumulator", "FactoredProjector", "GramAccumulator", "ParamLayout", "Projector", "Ranked", "__version__", "build_info",
-           "cuda_available", "ensemble", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
-           "project_transpose", "score"]
+__all__ = ["CudaStatus", "EnsembleAccumulator", "FactoredProjector", "FeatureStore", "GramAccumulator",
+           "HessianOperator", "IHVPResult", "IHVPSolver", "ParamLayout", "Projector", "Ranked", "SOLVERS",
+           "__version__", "build_info", "cuda_available", "ensemble", "ggn_vp", "hvp", "ihvp_solver", "param_layout",
+           "per_sample_grads", "project", "project_factored", "project_grads", "project_transpose", "score"]

@@ -21,15 +21,14 @@ row per example.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from ._batches import batch_size, model_args, requiring_grad
 from ._checks import kernel_float
 from ._layer_rules import rule_for, uses_batch_statistics
 from .factored_projector import FactoredProjector
@@ -159,31 +158,7 @@ def _prepare(model, output_fn, batch, params, path) -> tuple[ParamLayout, int]:
         if path == "generic":
             raise ValueError(f"model: {what}, and the generic path sees one example at a time; call model.eval()")
         warnings.warn(f"model: {what}; call model.eval() first", UserWarning, stacklevel=3)
-    return layout, _batch_size(batch)
-
-
-def _batch_size(batch) -> int:
-    leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    if not leaves:
-        raise ValueError(f"batch: expected tensors with one row per example, got {type(batch).__name__} with none")
-    for t in leaves:
-        if t.dim() == 0 or t.shape[0] != leaves[0].shape[0]:
-            raise ValueError(f"batch: every tensor must have the examples as its first dimension (n = "
-                             f"{leaves[0].shape[0]} from the first), got shape {list(t.shape)}")
-    return leaves[0].shape[0]
-
-
-def _model_args(inputs, batch) -> tuple[tuple, dict]:
-    """Positional and keyword arguments of the model call for `batch`."""
-    x = batch if inputs is None else inputs(batch)
-    if isinstance(x, torch.Tensor):
-        return (x,), {}
-    if isinstance(x, Mapping):
-        return (), dict(x)
-    if isinstance(x, (tuple, list)):
-        return ((x[0],), {}) if inputs is None else (tuple(x), {})
-    raise TypeError(f"{'batch' if inputs is None else 'inputs'}: expected a tensor, tuple/list or mapping, got "
-                    f"{type(x).__name__}; pass inputs=batch -> model arguments for other layouts")
+    return layout, batch_size(batch)
 
 
 def _check_output(o, n: int) -> None:
@@ -205,7 +180,7 @@ def _vmap_grads(model, output_fn, batch, inputs, names, n) -> dict[str, torch.Te
 
     def output_of_one(chosen, example):
         example = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
-        args, kwargs = _model_args(inputs, example)
+        args, kwargs = model_args(inputs, example)
         o = output_fn(functional_call(model, (chosen, fixed), args, kwargs), example)
         _check_output(o, 1)
         return o[0]
@@ -266,8 +241,8 @@ def _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight, fal
     targets = [tensors[name] for name in covered]
     handles = [m.register_forward_hook(forward_hook) for m in owners]
     try:
-        with torch.enable_grad(), _requiring_grad(targets):
-            args, kwargs = _model_args(inputs, batch)
+        with torch.enable_grad(), requiring_grad(targets):
+            args, kwargs = model_args(inputs, batch)
             o = output_fn(model(*args, **kwargs), batch)
             _check_output(o, n)
             summed = torch.autograd.grad(o.sum(), targets, allow_unused=True) if o.requires_grad else []
@@ -277,19 +252,6 @@ def _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight, fal
     # Used without calling its layer (e.g. by a parent's functional call): only the generic path sees it.
     missed = {name for name, g in zip(covered, summed) if g is not None and name not in delivered}
     return [name for name in layout.names if name in unsupported or name in missed]
-
-
-@contextlib.contextmanager
-def _requiring_grad(tensors):
-    """Temporarily set requires_grad on parameters selected while frozen."""
-    frozen = [t for t in tensors if not t.requires_grad]
-    for t in frozen:
-        t.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for t in frozen:
-            t.requires_grad_(False)
 
 
 def _kronecker_weights(model: nn.Module, layout: ParamLayout) -> dict[str, tuple[int, int]]:
