@@ -1,6 +1,7 @@
 """Timing, machine description and result writing shared by the benchmark scripts."""
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -72,6 +73,51 @@ def bench_device(name):
             sys.exit(f"--device cuda: {status.reason}")
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def device_slug(device, info, given=None):
+    """Device slug of result file names: `given`, else "cpu-epyc-zen1-2c" (this project's CI machine kind) or
+    "cuda-<gpu name>" from machine_info()."""
+    if given:
+        return given
+    if device.type == "cpu":
+        return "cpu-epyc-zen1-2c"
+    return "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def _high_water_kib():
+    """VmHWM: this process's peak RSS since exec (ru_maxrss would include the spawning parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _peak_child(device_name, setup, run, args, conn):
+    state = setup(*args)
+    if device_name.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(state)
+        torch.cuda.synchronize()
+        conn.send((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        base = _high_water_kib()
+        run(state)
+        conn.send((_high_water_kib() - base) / 1024)
+
+
+def peak_mib(device_name, setup, run, *args):
+    """Peak memory increase (MiB) of run(setup(*args)) over what setup made, in a fresh spawned process:
+    VmHWM on the CPU, torch.cuda.max_memory_allocated on CUDA. setup and run must be module-level functions."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peak_child, args=(device_name, setup, run, args, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return value
 
 
 def free_bytes(device):

@@ -6,7 +6,6 @@ one at a time (as a method produces them), so the streaming side holds one membe
 """
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from attrprims.ensemble import combine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, time_cpu_many, write_results  # noqa: E402
+from _timing import machine_info, peak_mib, time_cpu_many, write_results  # noqa: E402
 
 COLUMNS = ["members", "shape", "stream_ms", "stack_ms", "speedup", "stream_peak_MiB", "stack_peak_MiB",
            "member_MiB", "max_abs_diff"]
@@ -34,28 +33,13 @@ def stack(count, shape):
     return torch.stack([member(i, shape) for i in range(count)]).double().mean(0)
 
 
-def _high_water_kib():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def _setup(variant, count, shape):
+    return variant, count, shape
 
 
-def _peak_child(variant, count, shape, conn):
-    base = _high_water_kib()
+def _run(state):
+    variant, count, shape = state
     (stream if variant == "stream" else stack)(count, shape)
-    conn.send((_high_water_kib() - base) / 1024)
-
-
-def peak_mib(variant, count, shape):
-    """Peak memory increase of one call, in a fresh process (VmHWM resets at exec)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_peak_child, args=(variant, count, shape, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return value
 
 
 def main():
@@ -73,8 +57,8 @@ def main():
         med = {name: statistics.median(s) for name, s in time_cpu_many(fns, repeat=3, min_total_s=2.0).items()}
         rows.append({"members": count, "shape": "x".join(map(str, shape)), "stream_ms": med["stream"] * 1e3,
                      "stack_ms": med["stack"] * 1e3, "speedup": med["stack"] / med["stream"],
-                     "stream_peak_MiB": peak_mib("stream", count, shape),
-                     "stack_peak_MiB": peak_mib("stack", count, shape),
+                     "stream_peak_MiB": peak_mib("cpu", _setup, _run, "stream", count, shape),
+                     "stack_peak_MiB": peak_mib("cpu", _setup, _run, "stack", count, shape),
                      "member_MiB": shape[0] * shape[1] * 4 / 2**20,
                      "max_abs_diff": float((outs["stream"] - outs["stack"]).abs().max())})
         print(rows[-1], flush=True)

@@ -22,8 +22,8 @@ from torch import nn
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (bench_device, cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda,  # noqa: E402
-                     write_results)
+from _timing import (bench_device, cpu_jiffies, device_slug, free_bytes, machine_info, time_cpu_many,  # noqa: E402
+                     time_cuda, write_results)
 
 SEED = 20240
 K, K_OUT, K_IN = 2048, 64, 32
@@ -566,8 +566,7 @@ def main():
     min_total_s = 0.1 if args.quick else 1.0
     configs = model_configs(args)
     info = machine_info()
-    slug = args.slug or ("cpu-epyc-zen1-2c" if device.type == "cpu" else
-                         "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-"))
+    slug = device_slug(device, info, args.slug)
     memory = MemoryRunner(device, args.threads) if args.memory == "on" else None
     started, jiffies0, own0 = time.perf_counter(), cpu_jiffies(), own_cpu_seconds()
 

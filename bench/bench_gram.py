@@ -15,7 +15,7 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import bench_device, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import bench_device, device_slug, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
 
 COLUMNS = ["n", "k", "b", "input", "ours_acc", "ours_ms", "ours_GFLOP/s", "torch_fp64_ms", "torch_fp32_ms",
            "x_vs_torch_fp64", "x_vs_torch_fp32", "rel_err", "torch_fp32_rel_err"]
@@ -43,8 +43,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = bench_device(args.device)
     info = machine_info()
-    slug = args.slug or ("cpu-epyc-zen1-2c" if device.type == "cpu" else
-                         "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-"))
+    slug = device_slug(device, info, args.slug)
     inputs = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     rows = []
     for n, k, b in shapes(args.device, args.quick):

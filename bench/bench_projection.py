@@ -17,8 +17,8 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (bench_device, cpu_jiffies, free_bytes, machine_info, time_cpu_many, time_cuda,  # noqa: E402
-                     write_results)
+from _timing import (bench_device, cpu_jiffies, device_slug, free_bytes, machine_info, time_cpu_many,  # noqa: E402
+                     time_cuda, write_results)
 
 SEED = 20240
 KINDS = ("rademacher", "gaussian", "sjlt")
@@ -160,8 +160,7 @@ def main():
     peer = Peer(device, args.peer_max_s) if args.peers == "on" else None
     dense, ns, big, halves = shapes(args.device, args.quick)
     info = machine_info()
-    slug = args.slug or ("cpu-epyc-zen1-2c" if device.type == "cpu" else
-                         "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-"))
+    slug = device_slug(device, info, args.slug)
     gen = torch.Generator(device=device).manual_seed(0)
     rows, checks, started, steal0 = [], [], time.perf_counter(), cpu_jiffies()[1:]
 

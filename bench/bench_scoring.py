@@ -6,7 +6,6 @@ the same outputs: per test row the t largest and t smallest of (φ_test K) Φ_tr
 """
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import bench_device, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import (bench_device, device_slug, machine_info, peak_mib, time_cpu_many, time_cuda,  # noqa: E402
+                     write_results)
 
 COLUMNS = ["m", "n", "k", "t", "fused_ms", "materialise_ms", "speedup", "fused_peak_MiB", "materialise_peak_MiB",
            "scores_MiB", "same_indices"]
@@ -47,41 +47,19 @@ def materialise(a, b, t):
     return top, bottom
 
 
-def _peak_child(m, n, k, t, variant, device_name, threads, conn):
-    """Peak memory increase (MiB) of one call of `variant`, measured in a fresh process (CPU) or by the allocator."""
+def _setup(m, n, k, t, device_name, threads):
     torch.set_num_threads(threads)
-    device = torch.device(device_name)
-    a, b = make_inputs(m, n, k, device)
-    fn = fused if variant == "fused" else materialise
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(a, b, t)
-        torch.cuda.synchronize()
-        conn.send((torch.cuda.max_memory_allocated() - base) / 2**20)
-    else:
-        base = _high_water_kib()
-        fn(a, b, t)
-        conn.send((_high_water_kib() - base) / 1024)
+    return make_inputs(m, n, k, torch.device(device_name)), t
 
 
-def _high_water_kib():
-    """VmHWM of this process: peak RSS since exec (ru_maxrss would include the spawning parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def _run_fused(state):
+    (a, b), t = state
+    fused(a, b, t)
 
 
-def peak_mib(m, n, k, t, variant, device, threads):
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_peak_child, args=(m, n, k, t, variant, str(device), threads, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return value
+def _run_materialise(state):
+    (a, b), t = state
+    materialise(a, b, t)
 
 
 def main():
@@ -94,8 +72,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = bench_device(args.device)
     info = machine_info()
-    slug = args.slug or ("cpu-epyc-zen1-2c" if device.type == "cpu" else
-                         "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-"))
+    slug = device_slug(device, info, args.slug)
     rows = []
     for m, n, k, t in shapes(args.device, args.quick):
         a, b = make_inputs(m, n, k, device)
@@ -113,8 +90,9 @@ def main():
         del a, b, outs, ranked, top, bottom
         rows.append({"m": m, "n": n, "k": k, "t": t, "fused_ms": med["fused"] * 1e3,
                      "materialise_ms": med["materialise"] * 1e3, "speedup": med["materialise"] / med["fused"],
-                     "fused_peak_MiB": peak_mib(m, n, k, t, "fused", device, args.threads),
-                     "materialise_peak_MiB": peak_mib(m, n, k, t, "materialise", device, args.threads),
+                     "fused_peak_MiB": peak_mib(str(device), _setup, _run_fused, m, n, k, t, str(device), args.threads),
+                     "materialise_peak_MiB": peak_mib(str(device), _setup, _run_materialise, m, n, k, t, str(device),
+                                                      args.threads),
                      "scores_MiB": m * n * 4 / 2**20, "same_indices": same})
         print(rows[-1], flush=True)
     notes = [

@@ -1,5 +1,6 @@
-// SIMD helpers and the 6x16 register-blocked FMA micro-kernel shared by the CPU kernels, compiled once per
-// instruction set: the including TU defines AP_ISA_NS, and each ISA's copy lives in its own namespace.
+// SIMD helpers (8 floats, 4 doubles) and the 6x16 register-blocked fp32 FMA micro-kernel shared by the CPU
+// kernels, compiled once per instruction set: the including TU defines AP_ISA_NS, and each ISA's copy lives in
+// its own namespace.
 // No standard-library templates here: out-of-line copies built with AVX2 could be merged by the linker
 // into the generic build.
 #pragma once
@@ -31,6 +32,23 @@ static inline v8f fma8(v8f a, v8f b, v8f c) {
 #if defined(__FMA__)
   return reinterpret_cast<v8f>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
                                                reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
+}
+typedef double v4d __attribute__((vector_size(32)));
+
+static inline v4d load4(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof(v)); }
+static inline v4d splat4(double x) { return v4d{x, x, x, x}; }
+static inline v4d fma4(v4d a, v4d b, v4d c) {
+#if defined(__FMA__)
+  return reinterpret_cast<v4d>(_mm256_fmadd_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b),
+                                               reinterpret_cast<__m256d>(c)));
 #else
   return a * b + c;
 #endif
@@ -80,7 +98,7 @@ static void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ld
 }
 
 /// micro_kernel for mr in 1..6 rows (the ragged last block of rows included).
-static void run_micro(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t depth, float* C,
+static inline void run_micro(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t depth, float* C,
                       int64_t ldc) {
   switch (mr) {
     case 1: micro_kernel<1>(A, lda, B, ldb, depth, C, ldc); break;
@@ -93,7 +111,7 @@ static void run_micro(int mr, const float* A, int64_t lda, const float* B, int64
 }
 
 /// dst[i, 0:cols] = float(src[i, 0:cols]) for `rows` rows; src rows src_stride apart, dst rows ld_dst.
-static void convert_rows(const void* src, DType dt, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+static inline void convert_rows(const void* src, DType dt, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
                          int64_t ld_dst) {
   for (int64_t i = 0; i < rows; ++i) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + i * src_stride;

@@ -4,34 +4,11 @@
 // Haswell/Zen dgemm kernel) reads X packed twice, both sequentially: as an 8-wide column panel for the tile's
 // columns and a 6-wide row panel for its rows. A tile's partial sums start at zero and are added into G once
 // per pass, so each entry of G sees the rows of X in one fixed order.
-#include <cstring>
-
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_simd_impl.h"
 #include "gram_cpu_kernels.h"
 
 namespace attrprims {
 namespace AP_ISA_NS {
-
-typedef double v4d __attribute__((vector_size(32)));
-
-static inline v4d load4(const double* p) {
-  v4d v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-static inline void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof(v)); }
-static inline v4d splat4(double x) { return v4d{x, x, x, x}; }
-static inline v4d fma4(v4d a, v4d b, v4d c) {
-#if defined(__FMA__)
-  return reinterpret_cast<v4d>(_mm256_fmadd_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b),
-                                               reinterpret_cast<__m256d>(c)));
-#else
-  return a * b + c;
-#endif
-}
 
 static_assert(kGramPanel == 8 && kGramTileRows == 6, "the micro-kernel is 6 x 8");
 

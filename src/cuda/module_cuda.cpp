@@ -50,7 +50,9 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
   m.def(
       "gram_update_cuda",
-      [](const GramUpdateArgs& a, int device, std::uintptr_t stream) { gram_update_cuda(a, device, as_stream(stream)); },
+      [](const GramUpdateArgs& a, int device, std::uintptr_t stream) {
+        gram_update_cuda(a, device, as_stream(stream));
+      },
       py::arg("args"), py::arg("device"), py::arg("stream"), no_gil);
   m.def("score_topk_workspace_bytes_cuda", &score_topk_workspace_bytes_cuda, py::arg("args"));
   m.def(

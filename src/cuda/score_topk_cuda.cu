@@ -132,7 +132,8 @@ void launch(const ScoreTopkArgs& a, int64_t segments, float* ws_values, int64_t*
   const int64_t slots = a.top + a.bottom;
   const size_t bytes = shared_bytes(slots);
   int limit = 0;
-  AP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  AP_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                "cudaDeviceGetAttribute");
   AP_CHECK(bytes <= static_cast<size_t>(limit), "top",
            "top + bottom = " + std::to_string(slots) + " needs " + std::to_string(bytes) +
                " bytes of shared memory per block; this GPU allows " + std::to_string(limit));
@@ -160,7 +161,7 @@ void score_topk_cuda(const ScoreTopkArgs& a, void* workspace, int64_t workspace_
   if (a.m == 0 || a.n == 0 || slots == 0) return;
   const int64_t segments = segments_for(a);
   AP_CHECK(workspace_bytes >= score_topk_workspace_bytes_cuda(a), "workspace_bytes",
-           "must be >= score_topk_workspace_bytes_cuda(args)" + std::string(", got ") + std::to_string(workspace_bytes));
+           "must be >= score_topk_workspace_bytes_cuda(args), got " + std::to_string(workspace_bytes));
   AP_CHECK(workspace != nullptr, "workspace", "null pointer");
   // Workspace: int64 indices first (8-byte alignment), then float values; segments, then the merge area.
   const int64_t cells = (segments + 1) * a.m * slots;
