@@ -303,3 +303,23 @@ def combine(xs, weights=None, reduce: str = "mean") -> torch.Tensor:
 def trak_combine(scores_per_model, out_to_loss_per_model) -> torch.Tensor:
     """mean_m(scores_m) [m_test, n_train] times mean_m(Q_m) [n_train] per column, in float64."""
     return combine(scores_per_model) * combine(out_to_loss_per_model)[None, :]
+
+
+def average_ranks(x) -> list[float]:
+    """Rank of each value from 1 by counting: #smaller + (#equal + 1) / 2 (ties share their mean position)."""
+    return [sum(v < xi for v in x) + (sum(v == xi for v in x) + 1) / 2 for xi in x]
+
+
+def lds(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """[m] float64: per target t, Pearson of the average ranks of Σ_{i∈S} scores[t, i] and outputs[S, t] over
+    subsets S (the rows of masks), NaN where either is constant; one target and one subset at a time."""
+    scores, masks, outputs = scores.cpu().double(), masks.cpu(), outputs.cpu().double()
+    out = []
+    for t in range(scores.shape[0]):
+        predicted = [float(scores[t][row].sum()) for row in masks]
+        a = torch.tensor(average_ranks(predicted), dtype=torch.float64)
+        b = torch.tensor(average_ranks(outputs[:, t].tolist()), dtype=torch.float64)
+        a, b = a - a.mean(), b - b.mean()
+        den = float((a @ a).sqrt() * (b @ b).sqrt())
+        out.append(float(a @ b) / den if den > 0 else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
