@@ -120,3 +120,23 @@ def test_checkpoint_paths_and_errors(tmp_path):
         TRAK(nets[0], TASK, proj_dim=24, kind="factored")
     factored = TRAK(nets[0], TASK, proj_dim=16, kind="factored", progress=False).featurize(train, [path])
     assert factored.score(test).shape == (7, 60)
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    nets, train, test = setting(models=2)
+    states = [n.state_dict() for n in nets]
+    for progress, shown in [(True, True), (False, False)]:
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        TRAK(nets[0], TASK, proj_dim=8, progress=progress).featurize(train, states)
+        text = sys.stderr.getvalue()
+        assert ("checkpoints" in text and "2/2" in text) == shown and (text == "") != shown
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: silent even when asked
+    TRAK(nets[0], TASK, proj_dim=8).featurize(train, states)
+    assert sys.stderr.getvalue() == ""

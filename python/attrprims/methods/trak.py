@@ -68,16 +68,16 @@ def _load(checkpoint, device):
 
 
 class _Progress:
-    """tqdm over batches when asked and stderr is a terminal; silent otherwise."""
+    """A tqdm bar (over checkpoints or batches) when asked and stderr is a terminal; silent otherwise."""
 
-    def __init__(self, enabled: bool, total, desc: str):
+    def __init__(self, enabled: bool, total, desc: str, unit: str = "batch"):
         self.bar = None
         if enabled and sys.stderr is not None and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=unit != "batch")
 
     def step(self):
         if self.bar is not None:
@@ -149,6 +149,7 @@ class TRAK:
                                       projector=self.projector, layout=self.layout, output=self.task.name,
                                       extra={"task": self.task.config(), "params": self.params})
         self._models = []
+        outer = _Progress(self.progress, len(checkpoints), "checkpoints", unit="model")
         for m, checkpoint in enumerate(checkpoints):
             state = _load(checkpoint, self.device)
             self.model.load_state_dict(state)
@@ -162,6 +163,8 @@ class TRAK:
                 gram.update(features[start:start + 4096].to(self.device))
             gram.eigh()
             self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state})
+            outer.step()
+        outer.close()
         return self
 
     def _project_batch(self, batch):
