@@ -250,3 +250,17 @@ def test_cuda_tensor_without_kernels_says_why():
         pytest.skip("needs a CUDA tensor on a machine whose attrprims CUDA kernels cannot run")
     with pytest.raises(RuntimeError, match="phi"):
         GramAccumulator(3, device="cuda").update(torch.zeros(2, 3, device="cuda"))
+
+
+def test_cholesky_factors_are_reused_until_g_changes():
+    acc, g = spd_accumulator(k=6, n=10)
+    rhs = features(2, 6, torch.float64, seed=4)
+    first = acc.solve(rhs, 0.5)
+    assert list(acc._factors) == [0.5]
+    torch.testing.assert_close(acc.solve(rhs, 0.5), first)
+    assert acc.trace() == pytest.approx(float(torch.trace(g)))
+    extra = features(3, 6, torch.float64, seed=5)
+    acc.update(extra)
+    assert acc._factors == {}
+    torch.testing.assert_close(acc.solve(rhs, 0.5), reference.damped_solve(g + reference.gram(extra), rhs, 0.5),
+                               rtol=1e-8, atol=1e-10)

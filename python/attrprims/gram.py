@@ -51,6 +51,7 @@ class GramAccumulator:
         self._comp = torch.zeros_like(self._g) if dtype == torch.float32 else None
         self.count = 0
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._factors: dict[float, torch.Tensor] = {}  # Cholesky factors of G + λI by λ, until the next change
 
     def update(self, phi: torch.Tensor) -> "GramAccumulator":
         """Add φᵀφ for a batch φ [b, k] (float32|float16|bfloat16|float64, on `device`); NaN/Inf raise."""
@@ -65,7 +66,7 @@ class GramAccumulator:
         module, run = module_and_runner("gram_update", "phi", self.device)
         run(gram_update_args(module, phi, self._g, self._comp))
         self.count += phi.shape[0]
-        self._eig = None
+        self._changed()
         return self
 
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
@@ -80,7 +81,7 @@ class GramAccumulator:
         else:
             self._set_exact(self._exact() + other._exact())
         self.count += other.count
-        self._eig = None
+        self._changed()
         return self
 
     def all_reduce(self, group=None) -> "GramAccumulator":
@@ -93,12 +94,16 @@ class GramAccumulator:
         dist.all_reduce(count, group=group)
         self._set_exact(total)
         self.count = int(count.item())
-        self._eig = None
+        self._changed()
         return self
 
     def finalize(self) -> torch.Tensor:
         """The symmetric G [k, k] in the accumulator's dtype (a new tensor; accumulation can go on)."""
         return self._symmetric().to(self.dtype)
+
+    def trace(self) -> float:
+        """trace(G) = Σ ‖φ‖² over all rows so far (float64 sum of the diagonal)."""
+        return float(torch.diagonal(self._exact()).sum())
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending, [k]) and eigenvectors ([k, k], columns) of G in float64, cached until the next
@@ -116,7 +121,8 @@ class GramAccumulator:
             rhs: [r, k] or [k] float tensor on `device`. damping: λ >= 0, a float or a sequence. relative: λ is
                 damping × trace(G)/k (the mean eigenvalue), so one value suits features of any scale.
         Returns: rhs's shape in float64, with a leading [len(damping)] dimension when damping is a sequence. After
-        `eigh()`, every λ costs two [k, k] x [k, r] products; without it, one Cholesky factorisation per λ.
+        `eigh()`, every λ costs two [k, k] x [k, r] products; without it, one Cholesky factorisation per λ, kept
+        for later solves with the same λ until G changes.
         Raises: ValueError naming rhs or damping (bad shape, negative λ, or G + λI singular).
         """
         if not isinstance(rhs, torch.Tensor):
@@ -136,12 +142,14 @@ class GramAccumulator:
             self._check_nonsingular(bool((shifted <= 0).any()), damping)
             out = (coefficients[None] / shifted[:, None, :]) @ vectors.T
         else:
-            eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
             solutions = []
-            for lam in lambdas:
-                factor, info = torch.linalg.cholesky_ex(g + lam * eye)
-                self._check_nonsingular(bool(info != 0), damping)
-                solutions.append(torch.cholesky_solve(rows.T, factor).T)
+            for lam in lambdas.tolist():
+                if lam not in self._factors:
+                    eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
+                    factor, info = torch.linalg.cholesky_ex(g + lam * eye)
+                    self._check_nonsingular(bool(info != 0), damping)
+                    self._factors[lam] = factor
+                solutions.append(torch.cholesky_solve(rows.T, self._factors[lam]).T)
             out = torch.stack(solutions) if solutions else rows.new_zeros((0, *rows.shape))
         out = out.reshape(len(lambdas), *rhs.shape)
         return out if many else out[0]
@@ -150,6 +158,11 @@ class GramAccumulator:
         """(G + λI)⁻¹ [k, k] in float64 (a leading dimension per λ when damping is a sequence); see `solve`."""
         eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
         return self.solve(eye, damping, relative=relative)
+
+    def _changed(self) -> None:
+        """G changed: drop the cached eigendecomposition and Cholesky factors."""
+        self._eig = None
+        self._factors.clear()
 
     def _check_nonsingular(self, singular: bool, damping) -> None:
         if singular:

@@ -161,7 +161,6 @@ class TRAK:
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
-            gram.eigh()
             self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state})
             outer.step()
         outer.close()
@@ -256,8 +255,9 @@ class TRAK:
         if isinstance(damping, str):
             if damping != "auto":
                 raise ValueError(f"damping: expected 'auto' or numbers, got {damping!r}")
-            values, _ = gram.eigh()
-            return gram.solve(rows, AUTO_DAMPING * float(values.sum()) / gram.count, relative=False)
+            return gram.solve(rows, AUTO_DAMPING * gram.trace() / gram.count, relative=False)
+        if torch.as_tensor(damping).numel() > 1:
+            gram.eigh()  # a sweep: one eigendecomposition, then every λ costs two products
         return gram.solve(rows, damping, relative=self.relative)
 
     def _checked_models(self):
