@@ -121,6 +121,28 @@ def test_empty_batch():
     assert project_grads(model, out, batch, Projector(p, 8)).shape == (0, 8)
 
 
+def test_zero_dim_parameters():
+    """A scalar parameter (open_clip's logit_scale) is one column of the flat gradients on every path."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.scale = torch.nn.Linear(3, 2), torch.nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    torch.manual_seed(0)
+    model, batch = Scaled(), (torch.randn(4, 3),)
+    out = lambda o, b: o.sum(-1)  # noqa: E731
+    names = param_layout(model).names
+    ref = reference.per_sample_grads(model, out, batch, names, lambda b: ((b[0],), {}))
+    for path in ("generic", "layer"):
+        torch.testing.assert_close(per_sample_grads(model, out, batch, path=path, flat=True).double(), ref)
+    P = Projector(param_layout(model).p, 5)
+    torch.testing.assert_close(project_grads(model, out, batch, P, path="layer").double(),
+                               ref @ P.matrix().double(), rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_layers_fall_back_or_are_named():
     model, out, batch, layout, ref = expected("lm", 2)  # the positional parameter has no layer rule
     torch.testing.assert_close(per_sample_grads(model, out, batch, path="layer", flat=True), ref)

@@ -78,11 +78,11 @@ def test_store_resume_gives_identical_scores(tmp_path):
     def counted(trak, fail_after=None):
         calls, original = [], trak._project_batch
 
-        def project(batch):
+        def project(task, batch):
             if fail_after is not None and len(calls) == fail_after:
                 raise KeyboardInterrupt  # the run is interrupted here
             calls.append(len(batch[0]))
-            return original(batch)
+            return original(task, batch)
 
         trak._project_batch = project
         return calls
@@ -140,3 +140,25 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: silent even when asked
     TRAK(nets[0], TASK, proj_dim=8).featurize(train, states)
     assert sys.stderr.getvalue() == ""
+
+
+def test_contrastive_task_prepares_a_reference_per_checkpoint():
+    """CLIP-style TRAK: each checkpoint gets its own reference embeddings, reused for its targets."""
+    from test_tasks import DualEncoder, pair_batches, tiny
+
+    from attrprims.tasks import ContrastiveImageText
+
+    train = pair_batches((4, 3, 5))
+    nets = [tiny(DualEncoder(with_scale=True)) for _ in range(2)]
+    for i, net in enumerate(nets):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * i)
+    task = ContrastiveImageText(reference_size=6, scale=None)
+    trak = TRAK(nets[0], task, proj_dim=8, progress=False).featurize(train, [n.state_dict() for n in nets])
+    references = [entry["task"].reference for entry in trak._models]
+    assert not torch.equal(references[0][0], references[1][0])  # prepared per checkpoint
+    scores = trak.score(train[:1])
+    assert scores.shape == (4, 12) and torch.isfinite(scores).all()
+    ranked = trak.score(train[:1], topk=3)
+    assert torch.equal(ranked.top_indices, scores.topk(3).indices)

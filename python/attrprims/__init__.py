@@ -18,10 +18,13 @@ from .per_sample_grads import per_sample_grads, project_grads
 from .projection import Projector, project, project_transpose
 from .scoring import Ranked, score
 from .store import FeatureStore
+from .tasks import (BinaryClassification, ContrastiveImageText, LanguageModeling, MultiClassClassification, Task,
+                    TextClassification)
 
 __version__ = _core_info["version"]
 
-__all__ = ["CudaStatus", "EnsembleAccumulator", "FactoredProjector", "FeatureStore", "GramAccumulator",
-           "HessianOperator", "IHVPResult", "IHVPSolver", "ParamLayout", "Projector", "Ranked", "SOLVERS",
+__all__ = ["BinaryClassification", "ContrastiveImageText", "CudaStatus", "EnsembleAccumulator", "FactoredProjector",
+           "FeatureStore", "GramAccumulator", "HessianOperator", "IHVPResult", "IHVPSolver", "LanguageModeling",
+           "MultiClassClassification", "ParamLayout", "Projector", "Ranked", "SOLVERS", "Task", "TextClassification",
            "__version__", "build_info", "cuda_available", "ensemble", "ggn_vp", "hvp", "ihvp_solver", "param_layout",
            "per_sample_grads", "project", "project_factored", "project_grads", "project_transpose", "score"]

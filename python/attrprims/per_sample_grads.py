@@ -21,6 +21,7 @@ row per example.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -68,7 +69,7 @@ def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path=
         grads = _vmap_grads(model, output_fn, batch, inputs, layout.names, n)
         _check_finite_rows(n, grads.values())
         if flat:
-            return torch.cat([grads[name].flatten(1) for name in layout.names], 1)
+            return torch.cat([_rows(grads[name]) for name in layout.names], 1)
         return {name: grads[name] for name in layout.names}
     dtype = _common_dtype(model, layout)
     buffer = torch.zeros((n, layout.p), dtype=dtype, device=_device(model, layout))
@@ -79,7 +80,7 @@ def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path=
 
     rest = _layer_pass(model, output_fn, batch, inputs, layout, n, add, None, fallback)
     for name, g in _vmap_grads(model, output_fn, batch, inputs, rest, n).items():
-        add(name, 0, g.flatten(1))
+        add(name, 0, _rows(g))
     _check_finite_rows(n, [buffer])
     if flat:
         return buffer
@@ -136,9 +137,9 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
             if name in kronecker:  # a weight matrix whose layer the layer path could not handle
                 p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
                 g = g.float().reshape(n, *kronecker[name])
-                out.add_((p_out.T @ g @ p_in).flatten(1))
+                out.add_(_rows(p_out.T @ g @ p_in))
             else:
-                add(name, 0, g.flatten(1))
+                add(name, 0, _rows(g))
     _check_finite_rows(n, [out])
     return out
 
@@ -159,6 +160,11 @@ def _prepare(model, output_fn, batch, params, path) -> tuple[ParamLayout, int]:
             raise ValueError(f"model: {what}, and the generic path sees one example at a time; call model.eval()")
         warnings.warn(f"model: {what}; call model.eval() first", UserWarning, stacklevel=3)
     return layout, batch_size(batch)
+
+
+def _rows(g: torch.Tensor) -> torch.Tensor:
+    """[n, *shape] per-example gradients as [n, numel]: also for 0-dim parameters and for n = 0."""
+    return g.reshape(g.shape[0], math.prod(g.shape[1:]))
 
 
 def _check_output(o, n: int) -> None:

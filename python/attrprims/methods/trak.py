@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .._batches import batch_size
+from .._batches import batch_size, model_args
 from ..factored_projector import FactoredProjector
 from ..gram import GramAccumulator
 from ..param_layout import param_layout
@@ -154,32 +154,35 @@ class TRAK:
             state = _load(checkpoint, self.device)
             self.model.load_state_dict(state)
             self.model.eval()
+            task = copy.deepcopy(self.task)  # per checkpoint: prepare may fit state (CLIP's reference embeddings)
+            task.prepare(self.model, train_loader if batches is None else batches)
             if store is None:
-                features, q = self._featurize_memory(train_loader, f"model {m}")
+                features, q = self._featurize_memory(task, train_loader, f"model {m}")
             else:
-                features, q = self._featurize_store(store, batches, f"model-{m}")
+                features, q = self._featurize_store(task, store, batches, f"model-{m}")
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
-            self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state})
+            self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state, "task": task})
             outer.step()
         outer.close()
         return self
 
-    def _project_batch(self, batch):
+    def _project_batch(self, task, batch):
         """Projected gradients [b, k] and out-to-loss terms [b] of one batch under the loaded checkpoint."""
         batch = _to(batch, self.device)
-        phi = project_grads(self.model, self.task.output, batch, self.projector, params=self.params,
-                            inputs=self.task.inputs, path=self.path)
+        phi = project_grads(self.model, task.output, batch, self.projector, params=self.params, inputs=task.inputs,
+                            path=self.path)
+        args, kwargs = model_args(task.inputs, batch)
         with torch.no_grad():
-            q = self.task.out_to_loss(_call(self.model, self.task.inputs(batch)), batch)
+            q = task.out_to_loss(self.model(*args, **kwargs), batch)
         return phi, q.float()
 
-    def _featurize_memory(self, loader, desc):
+    def _featurize_memory(self, task, loader, desc):
         bar = _Progress(self.progress, _len(loader), desc)
         phis, qs = [], []
         for batch in loader:
-            phi, q = self._project_batch(batch)
+            phi, q = self._project_batch(task, batch)
             phis.append(phi.cpu())
             qs.append(q.cpu())
             bar.step()
@@ -188,7 +191,7 @@ class TRAK:
             raise ValueError("train_loader: expected at least one batch, got none")
         return torch.cat(phis), torch.cat(qs)
 
-    def _featurize_store(self, store: FeatureStore, batches, model_id):
+    def _featurize_store(self, task, store: FeatureStore, batches, model_id):
         """Featurize only the batches the store lacks (batch boundaries are its blocks), then read all back."""
         done = store.completed(model_id)
         bar = _Progress(self.progress, len(batches), model_id)
@@ -196,7 +199,7 @@ class TRAK:
         for batch in batches:
             stop = start + batch_size(batch)
             if not any(a <= start and stop <= b for a, b in done) and stop > start:
-                phi, q = self._project_batch(batch)
+                phi, q = self._project_batch(task, batch)
                 store.write(model_id, start, {"features": phi, "out_to_loss": q})
             start = stop
             bar.step()
@@ -211,7 +214,7 @@ class TRAK:
         for m, entry in enumerate(self._checked_models()):
             self.model.load_state_dict(entry["state"])
             self.model.eval()
-            out.append(self._featurize_memory(test_loader, f"targets, model {m}")[0])
+            out.append(self._featurize_memory(entry["task"], test_loader, f"targets, model {m}")[0])
         return out
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None, damping=None, targets=None):
@@ -281,14 +284,6 @@ def _to(batch, device):
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
-
-
-def _call(model, args):
-    if isinstance(args, dict):
-        return model(**args)
-    if isinstance(args, tuple):
-        return model(*args)
-    return model(args)
 
 
 def _len(loader):
