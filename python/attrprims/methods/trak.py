@@ -236,10 +236,10 @@ class TRAK:
             b = torch.cat([e["features"].to(self.device) for e in models], dim=1)
             return score(a, None, b, train_weights=q.to(self.device), topk=topk, bottomk=bottomk)
         total = None
-        for s, entry in zip(solved, models):
-            part = s @ entry["features"].to(self.device, torch.float64).T
+        for s, entry in zip(solved, models):  # one model's features at a time; fp32 products like `score`
+            part = s.float() @ entry["features"].to(self.device).T
             total = part if total is None else total.add_(part)
-        return (total / len(models) * q.to(self.device)).float()
+        return total / len(models) * q.to(self.device, torch.float32)
 
     def self_score(self, *, damping=None) -> torch.Tensor:
         """τ(z_i)_i for every training example: its own score [n_train] (memorisation / noisy-label signal)."""
