@@ -25,6 +25,7 @@ Where this differs from traker, and why:
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -101,7 +102,8 @@ class TRAK:
             (with factors=(k_out, k_in), default the most square split).
         damping: "auto" (λ = 0.5·trace(ΦᵀΦ)/n per model), or λ relative to trace(ΦᵀΦ)/k, or absolute with
             relative=False; one value or a sequence (then scores gain a leading dimension per value).
-        store: a directory for a FeatureStore: features persist and featurize resumes after a crash.
+        store: a directory for a FeatureStore: features persist and featurize resumes after a crash. Each
+            checkpoint's rows are kept under its position and a hash of its weights.
         device: where gradients are computed (default: the model's). path: "layer" or "generic" gradients.
         params: the parameters attributed (names or tensors of `model`; default all that require grad).
         progress: tqdm bars over checkpoints and batches when stderr is a terminal.
@@ -159,7 +161,7 @@ class TRAK:
             if store is None:
                 features, q = self._featurize_memory(task, train_loader, f"model {m}")
             else:
-                features, q = self._featurize_store(task, store, batches, f"model-{m}")
+                features, q = self._featurize_store(task, store, batches, f"model-{m}-{_digest(state)}")
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
@@ -267,6 +269,17 @@ class TRAK:
         if not self._models:
             raise ValueError("featurize: call featurize(train_loader, checkpoints) before scoring")
         return self._models
+
+
+def _digest(state: dict) -> str:
+    """16 hex digits of sha256 over a state_dict's names and bytes: a store never mixes two checkpoints' rows."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _name_of(model, tensor) -> str:
