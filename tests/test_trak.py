@@ -96,6 +96,11 @@ def test_store_resume_gives_identical_scores(tmp_path):
     again.featurize(train, states)
     assert sum(calls) == (60 - 32) + 60  # model 0's first two batches were stored, so not recomputed
     torch.testing.assert_close(again.score(test), plain, rtol=1e-5, atol=1e-7)
+    changed = [{name: t + 0.01 for name, t in state.items()} for state in states]
+    third = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False)
+    calls = counted(third)
+    third.featurize(train, changed)
+    assert sum(calls) == 120  # other weights: nothing stored is reused
     with pytest.raises(ValueError, match="config.projector.seed"):
         TRAK(nets[0], TASK, proj_dim=8, seed=9, store=tmp_path / "s", progress=False).featurize(train, states)
 
