@@ -56,7 +56,7 @@ from attrprims.metrics.retrain import retrain_outputs, subset_masks
 from attrprims.tasks import MultiClassClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, write_results  # noqa: E402
+from _timing import cpu_jiffies, machine_info, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_SITE = ROOT / ".bench-env" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -208,6 +208,12 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _own_cpu_s():
+    """CPU seconds used by this process (all threads) so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def correlation(a, b):
     """Pearson correlation of two score matrices, flattened, in float64."""
     a, b = a.double().flatten(), b.double().flatten()
@@ -282,7 +288,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     _peer_path()
-    started = time.perf_counter()
+    started, busy0, own0 = time.perf_counter(), cpu_jiffies()[0], _own_cpu_s()
 
     settings = [s for s in args.settings.split(",") if s]
     kinds = [s for s in args.kinds.split(",") if s]
@@ -368,6 +374,7 @@ def main():
                 print({c: row.get(c) for c in COLUMNS}, flush=True)
 
     total = time.perf_counter() - started
+    others = (cpu_jiffies()[0] - busy0) / os.sysconf("SC_CLK_TCK") - (_own_cpu_s() - own0)
     versions = {name: _peer_version(name) for name in ("traker", "dattri")}
     notes = [
         f"Data: scikit-learn's bundled digits (1,797 8x8 images, pixels / 16), seeded split: {n_train} training "
@@ -405,7 +412,9 @@ def main():
         "Damping 'auto' does not depend on that.",
         "Training runs on one torch thread (tiny batches train ~4× faster than on two); the timed part uses "
         f"{args.threads}.",
-        f"Whole run {total:.0f} s (including training, retraining when not cached, and LDS). Command: "
+        f"Whole run {total:.0f} s (including training, retraining when not cached, and LDS); other processes "
+        f"used about {max(others, 0):.0f} CPU-seconds meanwhile (of {total * (os.cpu_count() or 1):.0f}: a large "
+        "share means the timings are noisy). Command: "
         f"{' '.join(['python', *sys.argv])}.",
     ]
     write_results("trak-quick" if args.quick else "trak", args.slug, rows, COLUMNS, machine_info(), notes)
