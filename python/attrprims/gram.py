@@ -103,7 +103,8 @@ class GramAccumulator:
 
     def trace(self) -> float:
         """trace(G) = Σ ‖φ‖² over all rows so far (float64 sum of the diagonal)."""
-        return float(torch.diagonal(self._exact()).sum())
+        diagonal = torch.diagonal(self._g).double()
+        return float((diagonal if self._comp is None else diagonal - torch.diagonal(self._comp).double()).sum())
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending, [k]) and eigenvectors ([k, k], columns) of G in float64, cached until the next
@@ -132,8 +133,8 @@ class GramAccumulator:
             raise ValueError(f"rhs: expected last dimension k == {self.k} (from the accumulator), got {list(rhs.shape)}")
         check_like("rhs", rhs, "the accumulator", self._g, same_dtype=False)
         check_finite("rhs", rhs)
-        g = self._symmetric()
-        lambdas, many = _damping_values(damping, relative, torch.trace(g) / max(self.k, 1))
+        scale = torch.tensor(self.trace() / max(self.k, 1), dtype=torch.float64, device=self.device)
+        lambdas, many = _damping_values(damping, relative, scale)
         rows = rhs.reshape(-1, self.k).double()
         if self._eig is not None:
             values, vectors = self._eig
@@ -142,9 +143,10 @@ class GramAccumulator:
             self._check_nonsingular(bool((shifted <= 0).any()), damping)
             out = (coefficients[None] / shifted[:, None, :]) @ vectors.T
         else:
-            solutions = []
+            solutions, g = [], None
             for lam in lambdas.tolist():
-                if lam not in self._factors:
+                if lam not in self._factors:  # G is mirrored only when a factor must be made
+                    g = self._symmetric() if g is None else g
                     eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
                     factor, info = torch.linalg.cholesky_ex(g + lam * eye)
                     self._check_nonsingular(bool(info != 0), damping)
