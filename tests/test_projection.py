@@ -113,6 +113,29 @@ def test_project_output_dims(device, kind, k):
     check_project(x, k, seed=k, kind=kind, device=device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c,k,offset", [
+    (1, 1, 256, 0),          # the smallest sign-table call: one lane, one row of P
+    (9, 7, 263, 5),          # a ragged block of 8 examples, a partial group of 8 rows, k % 8 != 0
+    (17, 1001, 1024, 2**33 + 3),
+])
+def test_project_rademacher_sign_tables(n, c, k, offset, dtype):
+    """The CPU's forward Rademacher path for k >= 256 (sign tables) against float64."""
+    x = torch.randn(n, c).to(dtype)
+    out = check_project(x, k, seed=c, kind="rademacher", offset=offset)
+    again = torch.full_like(out, 0.5)
+    project(x, k, seed=c, kind="rademacher", offset=offset, out=again, accumulate=True)
+    torch.testing.assert_close(again, out + 0.5, rtol=1e-6, atol=1e-6)
+
+
+def test_project_rademacher_sign_tables_in_passes():
+    """At large k the sign tables cover P's rows in passes (64 rows each at this k, the last one partial)."""
+    k, c = 2**16 + 1, 150
+    x = torch.randn(3, c)
+    p = Projector(11 + c, k, seed=2).matrix(slice(11, 11 + c)).double()  # bitwise the reference's matrix
+    assert_projection_close(project(x, k, seed=2, offset=11), x.double() @ p, x, p.abs(), TOL[torch.float32])
+
+
 @pytest.mark.parametrize("s", [1, 2, 5, 8, 64])
 def test_project_sjlt_nonzeros(device, s):
     x = torch.randn(9, 333, device=device)

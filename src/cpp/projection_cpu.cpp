@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "parallel_cpu.h"
@@ -35,6 +36,31 @@ int64_t row_splits(int64_t n, int64_t tiles, int threads) {
   return std::max<int64_t>(1, std::min(ceil_div(threads, tiles), ceil_div(n, 24)));
 }
 
+/// Forward Rademacher projection by sign tables: per pass over a run of P's rows, the sign bytes of those
+/// rows (shared by all examples), then blocks of 8 examples. Each example's sum runs in the same order
+/// whatever the threads or the other rows, so results stay bitwise independent of both.
+void rademacher_by_sign_tables(const ProjectArgs& a, const CpuKernelTable& kt, int threads) {
+  const int64_t k = a.spec.k, blocks = ceil_div(a.n, 8);
+  if (a.c == 0) {
+    if (!a.accumulate)
+      for (int64_t i = 0; i < a.n; ++i) std::memset(a.out + i * a.out_row_stride, 0, sizeof(float) * k);
+    return;
+  }
+  const int64_t rows_per_pass = std::max<int64_t>(64, 8 * kCpuSignBytesPerPass / k / 512 * 512);
+  const int64_t pass_rows = std::min(a.c, rows_per_pass);
+  std::vector<uint8_t> signs(static_cast<size_t>(ceil_div(pass_rows, 8) * k));
+  for (int64_t r0 = 0; r0 < a.c; r0 += rows_per_pass) {
+    const int64_t r1 = std::min(a.c, r0 + rows_per_pass), groups = ceil_div(r1 - r0, 8);
+    const int64_t units = std::min<int64_t>(groups, 8 * threads);
+    parallel_for(threads, units, [&](int64_t u) {
+      kt.rademacher_sign_bytes(a, r0, r1, groups * u / units, groups * (u + 1) / units, signs.data());
+    });
+    const bool add = a.accumulate || r0 > 0;
+    parallel_for(threads, blocks,
+                 [&](int64_t b) { kt.rademacher_sign_table_block(a, signs.data(), r0, r1, 8 * b, add); });
+  }
+}
+
 }  // namespace
 
 void check_spec(const ProjectionSpec& spec) {
@@ -53,6 +79,10 @@ void project_cpu(const ProjectArgs& a) {
   if (a.spec.kind == Kind::sjlt) {
     const int64_t splits = std::min<int64_t>(a.n, threads);
     parallel_for(threads, splits, [&](int64_t u) { kt.sjlt_forward(a, a.n * u / splits, a.n * (u + 1) / splits); });
+    return;
+  }
+  if (a.spec.kind == Kind::rademacher && a.spec.k >= kCpuSignTableMinK) {
+    rademacher_by_sign_tables(a, kt, threads);
     return;
   }
   const int64_t tiles = ceil_div(a.spec.k, kCpuTileCols), splits = row_splits(a.n, tiles, threads);

@@ -9,6 +9,12 @@ namespace attrprims {
 constexpr int64_t kCpuTileCols = 128;
 /// Rows of P (output columns) of one dense transpose work unit.
 constexpr int64_t kCpuTransposeTileRows = 128;
+/// Smallest k whose forward Rademacher projection goes by sign tables (below it, tabulating costs more
+/// than the FMAs it saves).
+constexpr int64_t kCpuSignTableMinK = 256;
+/// Most bytes of Rademacher signs generated per pass over the input: a pass covers 8 · this / k rows of P,
+/// rounded down to a multiple of 512, and at least 64.
+constexpr int64_t kCpuSignBytesPerPass = int64_t{4} << 20;
 /// Rows of P of one SJLT transpose work unit.
 constexpr int64_t kCpuSjltTileRows = 1024;
 
@@ -26,6 +32,13 @@ struct CpuKernelTable {
   void (*sjlt_transpose)(const ProjectArgs& a, int64_t r0, int64_t i0, int64_t i1);
   /// Rows r0..r1 (relative to a.offset) of the materialised slice.
   void (*materialize)(const MaterializeArgs& a, int64_t r0, int64_t r1);
+  /// Rademacher sign bytes of rows offset+r0 .. offset+r1 of P, local groups g0..g1 of 8
+  /// rows; `signs` is [groups, k].
+  void (*rademacher_sign_bytes)(const ProjectArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t g1,
+                                uint8_t* signs);
+  /// out[i0:i0+8, :] (+)= the Rademacher projection of x[:, r0:r1] from those rows' sign bytes.
+  void (*rademacher_sign_table_block)(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
+                                      int64_t i0, bool add);
 };
 
 extern const CpuKernelTable kCpuKernelsGeneric;

@@ -3,7 +3,8 @@
 //
 // Dense kinds: a tile of P (256 rows x 128 columns, 128 KiB, L2-resident) is generated once per work
 // unit and applied to all of the unit's rows with a 6x16 register-blocked FMA micro-kernel. P is
-// generated scaled (entries ±1/√k or z/√k), so no pass over the output is needed afterwards.
+// generated scaled (entries ±1/√k or z/√k), so no pass over the output is needed afterwards. The forward
+// Rademacher projection at larger k goes by sign tables instead (projection_cpu_sign_tables_impl.h).
 #include <cstring>
 
 #include "cpu_simd_impl.h"
@@ -21,6 +22,14 @@ static inline float load_as_float(const void* base, DType dt, int64_t idx) {
   const uint16_t h = static_cast<const uint16_t*>(base)[idx];
   return dt == DType::f16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
 }
+
+}  // namespace AP_ISA_NS
+}  // namespace attrprims
+
+#include "projection_cpu_sign_tables_impl.h"
+
+namespace attrprims {
+namespace AP_ISA_NS {
 
 /// vals[0:128] = P[row, 128·blk : 128·blk + 128] for a dense kind.
 static void fill_row_block(const ProjectionSpec& sp, float scale, uint64_t row, int64_t blk, float* vals) {
@@ -211,7 +220,8 @@ static void materialize(const MaterializeArgs& a, int64_t r0, int64_t r1) {
 
 extern const CpuKernelTable AP_ISA_TABLE = {
     AP_ISA_NAME,          AP_ISA_NS::dense_forward,  AP_ISA_NS::dense_transpose, AP_ISA_NS::sjlt_forward,
-    AP_ISA_NS::sjlt_transpose, AP_ISA_NS::materialize,
+    AP_ISA_NS::sjlt_transpose, AP_ISA_NS::materialize, AP_ISA_NS::rademacher_sign_bytes,
+    AP_ISA_NS::rademacher_sign_table_block,
 };
 
 }  // namespace attrprims

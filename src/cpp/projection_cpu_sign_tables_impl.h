@@ -1,0 +1,123 @@
+// Rademacher forward projection by sign tables, compiled once per instruction set (included by
+// projection_cpu_kernels_impl.h, under its rules).
+//
+// P has entries ±1/√k, so x @ P needs no multiplications. The signs of 8 consecutive rows of P in one
+// column form a byte, and the signed sum of the matching 8 coordinates of x is one of 256 values. For a
+// block of 8 examples (one v8f lane each) those 256 sums are tabulated once per 8 coordinates (256 adds),
+// after which every output column costs one table load and one add per 8 coordinates: 64 multiply-adds of
+// the GEMM formulation for the price of one vector add. The scale 1/√k is applied once at the end.
+
+namespace attrprims {
+namespace AP_ISA_NS {
+
+constexpr int64_t kSignGroup = 8;    // rows of P (coordinates of x) per sign byte
+constexpr int64_t kTableGroups = 4;  // sign bytes whose tables are held together (4 x 8 KiB, L1-sized)
+
+/// Transpose of an 8x8 bit matrix held as bit 8i+j = element (i, j) (Hacker's Delight, transpose8).
+static inline uint64_t transpose_bits8(uint64_t x) {
+  uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+  x ^= t ^ (t << 7);
+  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+  x ^= t ^ (t << 14);
+  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+  x ^= t ^ (t << 28);
+  return x;
+}
+
+/// signs[g * k + j], for local groups g in [g0, g1): bit t set iff P[offset + r0 + 8g + t, j] < 0
+/// (rows at or past r1 give clear bits).
+static void rademacher_sign_bytes(const ProjectArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t g1,
+                                  uint8_t* signs) {
+  const int64_t k = a.spec.k;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t first = r0 + kSignGroup * g, rows = min64(kSignGroup, r1 - first);
+    for (int64_t blk = 0; blk * kRademacherColsPerCall < k; ++blk) {
+      uint32_t w[kSignGroup][4] = {};
+      for (int64_t t = 0; t < rows; ++t) {
+        const U32x4 u = projection_words(a.spec.seed, kTagRademacher, static_cast<uint64_t>(a.offset + first + t),
+                                         static_cast<uint32_t>(blk));
+        for (int q = 0; q < 4; ++q) w[t][q] = u.v[q];
+      }
+      // Byte b of `gathered` is byte `byte` of row b's word q; transposed, byte b holds bit b of every row.
+      alignas(8) uint8_t bytes[kRademacherColsPerCall];
+      for (int q = 0; q < 4; ++q) {
+        for (int byte = 0; byte < 4; ++byte) {
+          uint64_t gathered = 0;
+          for (int t = 0; t < kSignGroup; ++t)
+            gathered |= static_cast<uint64_t>((w[t][q] >> (8 * byte)) & 0xFFu) << (8 * t);
+          const uint64_t transposed = transpose_bits8(gathered);
+          std::memcpy(bytes + 32 * q + 8 * byte, &transposed, 8);
+        }
+      }
+      const int64_t col0 = blk * kRademacherColsPerCall;
+      std::memcpy(signs + g * k + col0, bytes, static_cast<size_t>(min64(kRademacherColsPerCall, k - col0)));
+    }
+  }
+}
+
+/// table[m] = Σ_t (bit t of m ? -x_t : x_t) for the 8 coordinate vectors x[0..7] (8 examples each).
+static void build_sign_table(const float* x, v8f* table) {
+  v8f lo[16], hi[16];
+  const v8f x0 = load8(x), x1 = load8(x + 8), x2 = load8(x + 16), x3 = load8(x + 24);
+  const v8f x4 = load8(x + 32), x5 = load8(x + 40), x6 = load8(x + 48), x7 = load8(x + 56);
+  for (int m = 0; m < 16; ++m) {
+    lo[m] = ((m & 1) ? -x0 : x0) + ((m & 2) ? -x1 : x1) + (((m & 4) ? -x2 : x2) + ((m & 8) ? -x3 : x3));
+    hi[m] = ((m & 1) ? -x4 : x4) + ((m & 2) ? -x5 : x5) + (((m & 4) ? -x6 : x6) + ((m & 8) ? -x7 : x7));
+  }
+  for (int h = 0; h < 16; ++h)
+    for (int l = 0; l < 16; ++l) table[16 * h + l] = hi[h] + lo[l];
+}
+
+/// out[i0:i0+8, :] = (add ? out + : ) (1/√k) · x[i0:i0+8, r0:r1] @ sign(P[offset+r0 : offset+r1, :]),
+/// from the sign bytes of rows r0..r1 (rows past n are skipped).
+static void rademacher_sign_table_block(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
+                                        int64_t i0, bool add) {
+  const int64_t k = a.spec.k, lanes = min64(8, a.n - i0), groups = (r1 - r0 + kSignGroup - 1) / kSignGroup;
+  Buffer<v8f> acc(k), table(kTableGroups * 256);
+  std::memset(static_cast<void*>(acc.p), 0, sizeof(v8f) * static_cast<size_t>(k));
+  alignas(32) float xt[kTableGroups * kSignGroup * 8];  // xt[8 * t + lane] = x[i0 + lane, coordinate t]
+  for (int64_t g0 = 0; g0 < groups; g0 += kTableGroups) {
+    const int64_t ng = min64(kTableGroups, groups - g0);
+    for (int64_t t = 0; t < ng * kSignGroup; ++t) {
+      const int64_t r = r0 + kSignGroup * g0 + t;
+      for (int64_t lane = 0; lane < 8; ++lane)
+        xt[8 * t + lane] =
+            lane < lanes && r < r1 ? load_as_float(a.in, a.in_dtype, (i0 + lane) * a.in_row_stride + r) : 0.0f;
+    }
+    for (int64_t g = 0; g < ng; ++g) build_sign_table(xt + 64 * g, table.p + 256 * g);
+    const uint8_t* sg = signs + g0 * k;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      v8f s0 = acc.p[j], s1 = acc.p[j + 1], s2 = acc.p[j + 2], s3 = acc.p[j + 3];
+      v8f s4 = acc.p[j + 4], s5 = acc.p[j + 5], s6 = acc.p[j + 6], s7 = acc.p[j + 7];
+      for (int64_t g = 0; g < ng; ++g) {
+        uint64_t b;
+        std::memcpy(&b, sg + g * k + j, 8);
+        const v8f* t = table.p + 256 * g;
+        s0 += t[b & 255];
+        s1 += t[(b >> 8) & 255];
+        s2 += t[(b >> 16) & 255];
+        s3 += t[(b >> 24) & 255];
+        s4 += t[(b >> 32) & 255];
+        s5 += t[(b >> 40) & 255];
+        s6 += t[(b >> 48) & 255];
+        s7 += t[b >> 56];
+      }
+      acc.p[j] = s0, acc.p[j + 1] = s1, acc.p[j + 2] = s2, acc.p[j + 3] = s3;
+      acc.p[j + 4] = s4, acc.p[j + 5] = s5, acc.p[j + 6] = s6, acc.p[j + 7] = s7;
+    }
+    for (; j < k; ++j)
+      for (int64_t g = 0; g < ng; ++g) acc.p[j] += table.p[256 * g + sg[g * k + j]];
+  }
+  const float scale = dense_scale(k);
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    float* o = a.out + (i0 + lane) * a.out_row_stride;
+    for (int64_t jj = 0; jj < k; ++jj) {
+      const float v = acc.p[jj][lane] * scale;
+      o[jj] = add ? o[jj] + v : v;
+    }
+  }
+}
+
+}  // namespace AP_ISA_NS
+}  // namespace attrprims
