@@ -1,9 +1,11 @@
-"""Timing, machine description and result writing shared by the benchmark scripts."""
+"""Timing, machine description, command-line set-up and result writing shared by the benchmark scripts."""
 
+import argparse
 import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -76,13 +78,39 @@ def bench_device(name):
 
 
 def device_slug(device, info, given=None):
-    """Device slug of result file names: `given`, else "cpu-epyc-zen1-2c" (this project's CI machine kind) or
-    "cuda-<gpu name>" from machine_info()."""
+    """Device slug of result file names: `given`, else from machine_info(): "cpu-<model>-<cores>c" (this project's
+    CI machine kind is "cpu-epyc-zen1-2c") or "cuda-<gpu name>"."""
     if given:
         return given
     if device.type == "cpu":
-        return "cpu-epyc-zen1-2c"
+        model = info["cpu"]
+        if model.startswith("AMD EPYC (family 23, model 1)"):  # KVM guests see only "AMD EPYC"
+            name = "epyc-zen1"
+        else:
+            name = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)|\b(amd|intel|r|tm|cpu|processor)\b", " ",
+                                                     model.lower())).strip("-")
+        return f"cpu-{name}-{info['cores']}c"
     return "cuda-" + info["gpu"].lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def bench_parser(doc, quick_help, *, cuda=True):
+    """An ArgumentParser with the flags every bench script takes: --quick, --threads, --slug and, for a script with
+    a CUDA path, --device. The script adds its own flags, then calls bench_setup(args)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if cuda:
+        ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (attrprims uses as many)")
+    ap.add_argument("--slug", default=None, help="machine slug in the result file names (default: detected)")
+    return ap
+
+
+def bench_setup(args):
+    """Apply --threads and resolve --device: (device, machine_info(), slug for the result file names)."""
+    torch.set_num_threads(args.threads)
+    device = bench_device(getattr(args, "device", "cpu"))
+    info = machine_info()
+    return device, info, device_slug(device, info, args.slug)
 
 
 def _high_water_kib():

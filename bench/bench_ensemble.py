@@ -5,7 +5,6 @@ bench/results/ensemble[-quick]-<slug>.md and .json. Members are synthetic per-mo
 one at a time (as a method produces them), so the streaming side holds one member and the running total.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from attrprims.ensemble import combine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, peak_mib, time_cpu_many, write_results  # noqa: E402
+from _timing import bench_parser, bench_setup, peak_mib, time_cpu_many, write_results  # noqa: E402
 
 COLUMNS = ["members", "shape", "stream_ms", "stack_ms", "speedup", "stream_peak_MiB", "stack_peak_MiB",
            "member_MiB", "max_abs_diff"]
@@ -43,11 +42,8 @@ def _run(state):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_parser(__doc__, "one small shape (a smoke test)", cuda=False).parse_args()
+    _, info, slug = bench_setup(args)
     cases = [(4, (200, 5000))] if args.quick else [(10, (1000, 20000)), (50, (200, 20000))]
     rows = []
     for count, shape in cases:
@@ -67,7 +63,7 @@ def main():
              "stack: torch.stack(all members).double().mean(0).",
              "peak_MiB: VmHWM increase during one call in a fresh process; member_MiB: one member's size.",
              f"{args.threads} torch threads; medians of >= 3 round-robin calls."]
-    write_results("ensemble-quick" if args.quick else "ensemble", "cpu-epyc-zen1-2c", rows, COLUMNS, machine_info(),
+    write_results("ensemble-quick" if args.quick else "ensemble", slug, rows, COLUMNS, info,
                   notes)
 
 

@@ -4,7 +4,6 @@ Run from the repository root: `python bench/bench_grads.py [--device cpu|cuda] [
 Writes bench/results/grads[-quick]-<slug>.md and .json (see bench/README.md).
 """
 
-import argparse
 import math
 import multiprocessing as mp
 import os
@@ -22,8 +21,8 @@ from torch import nn
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (bench_device, cpu_jiffies, device_slug, free_bytes, machine_info, time_cpu_many,  # noqa: E402
-                     time_cuda, write_results)
+from _timing import (  # noqa: E402
+    bench_parser, bench_setup, cpu_jiffies, free_bytes, peak_mib, time_cpu_many, time_cuda, write_results)
 
 SEED = 20240
 K, K_OUT, K_IN = 2048, 64, 32
@@ -534,9 +533,8 @@ def result_name(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
+    ap = bench_parser(__doc__, "tiny models (a smoke test)")
+    ap.set_defaults(threads=os.cpu_count())
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated: mlp, cnn, transformer")
     ap.add_argument("--variants", default="abcdef", help="letters of the variants to run (default all: abcdef)")
     ap.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="transformer blocks (12 for GPT-2 small)")
@@ -553,20 +551,15 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="minimum timed calls (default 3 on CPU, 20 on CUDA)")
     ap.add_argument("--memory", choices=("on", "off"), default="on",
                     help="peak memory of each variant in a fresh process (also the budget probe)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (attrprims too)")
-    ap.add_argument("--slug", default=None, help="device slug in the result file name")
     ap.add_argument("--tag", default=None, help="extra word in the result file name")
     args = ap.parse_args()
     if not args.variants or set(args.variants) - set(VARIANTS):
         sys.exit(f"--variants: expected letters among {''.join(VARIANTS)}, got {args.variants!r}")
 
-    torch.set_num_threads(args.threads)
-    device = bench_device(args.device)
+    device, info, slug = bench_setup(args)
     repeat = args.repeat or (20 if device.type == "cuda" else 2 if args.quick else 3)
     min_total_s = 0.1 if args.quick else 1.0
     configs = model_configs(args)
-    info = machine_info()
-    slug = device_slug(device, info, args.slug)
     memory = MemoryRunner(device, args.threads) if args.memory == "on" else None
     started, jiffies0, own0 = time.perf_counter(), cpu_jiffies(), own_cpu_seconds()
 

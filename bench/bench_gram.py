@@ -5,7 +5,6 @@ Writes bench/results/gram[-quick]-<slug>.md and .json. Both sides accumulate G o
 GFLOP/s count 2·n·k² (the full product) for both, so the ratio is the speed-up at equal output.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import bench_device, device_slug, machine_info, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import bench_parser, bench_setup, time_cpu_many, time_cuda, write_results  # noqa: E402
 
 COLUMNS = ["n", "k", "b", "input", "ours_acc", "ours_ms", "ours_GFLOP/s", "torch_fp64_ms", "torch_fp32_ms",
            "x_vs_torch_fp64", "x_vs_torch_fp32", "rel_err", "torch_fp32_rel_err"]
@@ -34,16 +33,8 @@ def rel_err(g, ref):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (ours and torch share it)")
-    ap.add_argument("--slug", default=None, help="device slug in the result file name")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = bench_device(args.device)
-    info = machine_info()
-    slug = device_slug(device, info, args.slug)
+    args = bench_parser(__doc__, "small shapes (a smoke test)").parse_args()
+    device, info, slug = bench_setup(args)
     inputs = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     rows = []
     for n, k, b in shapes(args.device, args.quick):

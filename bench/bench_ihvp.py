@@ -7,7 +7,6 @@ ekfac and datainf approximate the empirical Fisher, so their error is measured a
 empirical Fisher (mean of g gᵀ) in place of H: each is compared with what it approximates.
 """
 
-import argparse
 import sys
 import time
 import warnings
@@ -20,7 +19,7 @@ from torch import nn
 from attrprims import HessianOperator, ihvp_solver, per_sample_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, write_results  # noqa: E402
+from _timing import bench_parser, bench_setup, write_results  # noqa: E402
 
 COLUMNS = ["model", "p", "solver", "target", "options", "fit_s", "solve_s", "iterations", "rel_err"]
 
@@ -59,11 +58,8 @@ def rel_err(x, ref):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="logistic regression only, fewer examples")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_parser(__doc__, "logistic regression only, fewer examples", cuda=False).parse_args()
+    _, info, slug = bench_setup(args)
     torch.manual_seed(0)
     n = 300 if args.quick else 1000
     batches = digits_batches(n, 100)
@@ -108,7 +104,7 @@ def main():
              "fit_s: building the solver (H materialised, eigenpairs, factors); solve_s: one solve of the b vectors; "
              "iterations: batched operator applications during the solve.",
              f"{args.threads} torch threads, single runs (seconds-scale timings)."]
-    write_results("ihvp-quick" if args.quick else "ihvp", "cpu-epyc-zen1-2c", rows, COLUMNS, machine_info(), notes)
+    write_results("ihvp-quick" if args.quick else "ihvp", slug, rows, COLUMNS, info, notes)
 
 
 if __name__ == "__main__":

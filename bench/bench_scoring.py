@@ -5,7 +5,6 @@ Writes bench/results/scoring[-quick]-<slug>.md and .json. Synthetic Gaussian fea
 the same outputs: per test row the t largest and t smallest of (φ_test K) Φ_trainᵀ.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (bench_device, device_slug, machine_info, peak_mib, time_cpu_many, time_cuda,  # noqa: E402
-                     write_results)
+from _timing import bench_parser, bench_setup, peak_mib, time_cpu_many, time_cuda, write_results  # noqa: E402
 
 COLUMNS = ["m", "n", "k", "t", "fused_ms", "materialise_ms", "speedup", "fused_peak_MiB", "materialise_peak_MiB",
            "scores_MiB", "same_indices"]
@@ -63,16 +61,8 @@ def _run_materialise(state):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (ours and torch share it)")
-    ap.add_argument("--slug", default=None, help="device slug in the result file name")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = bench_device(args.device)
-    info = machine_info()
-    slug = device_slug(device, info, args.slug)
+    args = bench_parser(__doc__, "one small shape (a smoke test)").parse_args()
+    device, info, slug = bench_setup(args)
     rows = []
     for m, n, k, t in shapes(args.device, args.quick):
         a, b = make_inputs(m, n, k, device)

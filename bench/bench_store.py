@@ -5,7 +5,6 @@ bench/results/store[-quick]-<slug>.md and .json. Synthetic float32 features; eve
 fsync, so both sides pay for durability.
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -20,7 +19,7 @@ import torch
 from attrprims import FeatureStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, write_results  # noqa: E402
+from _timing import bench_parser, bench_setup, write_results  # noqa: E402
 
 COLUMNS = ["n", "k", "block", "MiB", "fill_s", "fill_MiB/s", "np_save_s", "np_save_MiB/s", "fill_vs_np_save",
            "resume_check_ms", "read_MiB/s"]
@@ -43,11 +42,11 @@ def timed(fn, repeat):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
+    ap = bench_parser(__doc__, "one small case (a smoke test)", cuda=False)
     ap.add_argument("--dir", default=None, help="where the stores are written (default: a temp dir)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    _, info, slug = bench_setup(args)
     cases = [(20000, 128, 1024)] if args.quick else [(100000, 256, 1024), (100000, 256, 8192), (20000, 2048, 1024)]
     root = tempfile.mkdtemp(dir=args.dir, prefix="bench-store-")
     rows = []
@@ -88,7 +87,7 @@ def main():
              "resume_check: reopen the store and list its missing blocks (what a restarted job does first).",
              "read: store.read(...).sum() over the memmap (page cache warm).",
              f"Filesystem of {args.dir or tempfile.gettempdir()}; medians of {args.repeat} runs."]
-    write_results("store-quick" if args.quick else "store", "cpu-epyc-zen1-2c", rows, COLUMNS, machine_info(), notes)
+    write_results("store-quick" if args.quick else "store", slug, rows, COLUMNS, info, notes)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ the bench environment's site-packages to the END of sys.path (so nothing there c
 attrprims) when that directory exists; a peer that still does not import gets "not installed" rows.
 """
 
-import argparse
 import contextlib
 import io
 import logging
@@ -56,7 +55,7 @@ from attrprims.metrics.retrain import retrain_outputs, subset_masks
 from attrprims.tasks import MultiClassClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cpu_jiffies, machine_info, write_results  # noqa: E402
+from _timing import bench_parser, bench_setup, cpu_jiffies, time_cpu_many, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_SITE = ROOT / ".bench-env" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -267,9 +266,7 @@ def time_round_robin(runs, repeat, min_total_s=3.0, max_samples=9, keep_slow_war
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke test: 20 subsets, M = 1 and 2, smaller k, 1 repeat")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_parser(__doc__, "smoke test: 20 subsets, M = 1 and 2, smaller k, 1 repeat", cuda=False)
     ap.add_argument("--settings", default="LR,MLP", help="comma-separated subset of LR,MLP")
     ap.add_argument("--ensembles", default=None, help="comma-separated M values (default 1,10; --quick 1,2)")
     ap.add_argument("--k-lr", type=int, default=None, help="proj_dim for logistic regression (default 512)")
@@ -284,9 +281,8 @@ def main():
     ap.add_argument("--peers", default="traker,dattri", help="comma-separated peers to run ('' for none)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "attrprims-bench-cache"),
                     help="directory for the cached subset-model outputs (outside the repository)")
-    ap.add_argument("--slug", default="cpu-epyc-zen1-2c")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    _, info, slug = bench_setup(args)
     _peer_path()
     started, busy0, own0 = time.perf_counter(), cpu_jiffies()[0], _own_cpu_s()
 
@@ -417,7 +413,7 @@ def main():
         "share means the timings are noisy). Command: "
         f"{' '.join(['python', *sys.argv])}.",
     ]
-    write_results("trak-quick" if args.quick else "trak", args.slug, rows, COLUMNS, machine_info(), notes)
+    write_results("trak-quick" if args.quick else "trak", slug, rows, COLUMNS, info, notes)
 
 
 if __name__ == "__main__":

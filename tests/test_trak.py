@@ -88,13 +88,13 @@ def test_store_resume_gives_identical_scores(tmp_path):
         return calls
 
     first = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False)
-    counted(first, fail_after=2)
+    counted(first, fail_after=3)  # batches go through every checkpoint in turn: batch 0 twice, then batch 1 once
     with pytest.raises(KeyboardInterrupt):
         first.featurize(train, states)
     again = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False)
     calls = counted(again)
     again.featurize(train, states)
-    assert sum(calls) == (60 - 32) + 60  # model 0's first two batches were stored, so not recomputed
+    assert sum(calls) == (60 - 32) + (60 - 16)  # stored: batches 0-1 of model 0, batch 0 of model 1
     torch.testing.assert_close(again.score(test), plain, rtol=1e-5, atol=1e-7)
     changed = [{name: t + 0.01 for name, t in state.items()} for state in states]
     third = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False)
@@ -103,6 +103,31 @@ def test_store_resume_gives_identical_scores(tmp_path):
     assert sum(calls) == 120  # other weights: nothing stored is reused
     with pytest.raises(ValueError, match="config.projector.seed"):
         TRAK(nets[0], TASK, proj_dim=8, seed=9, store=tmp_path / "s", progress=False).featurize(train, states)
+
+
+def test_data_is_read_once_for_all_checkpoints(tmp_path):
+    """One pass over the training and the test data whatever the number of checkpoints, with or without a store."""
+    nets, train, test = setting(models=3)
+    states = [n.state_dict() for n in nets]
+
+    class Counted:
+        def __init__(self, batches):
+            self.batches, self.passes = batches, 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(self.batches)
+
+    loader, targets = Counted(train), Counted(test)
+    plain = TRAK(nets[0], TASK, proj_dim=8, progress=False).featurize(loader, states).score(targets)
+    assert loader.passes == 1 and targets.passes == 1
+    x, y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    stored = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False).featurize(data, states)
+    torch.testing.assert_close(stored.score(test), plain, rtol=1e-5, atol=1e-7)
+    short = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, drop_last=True)
+    dropped = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "t", progress=False).featurize(short, states[:1])
+    assert dropped._models[0]["features"].shape == (48, 8)  # rows counted, not taken from the dataset's length
 
 
 def test_checkpoint_paths_and_errors(tmp_path):
@@ -121,6 +146,8 @@ def test_checkpoint_paths_and_errors(tmp_path):
         TRAK(nets[0], "multiclass")
     with pytest.raises(ValueError, match="kind"):
         TRAK(nets[0], TASK, kind="fast_jl")
+    with pytest.raises(TypeError, match="progress: expected True or False"):
+        TRAK(nets[0], TASK, progress=1)
     with pytest.raises(ValueError, match="proj_dim"):
         TRAK(nets[0], TASK, proj_dim=24, kind="factored")
     factored = TRAK(nets[0], TASK, proj_dim=16, kind="factored", progress=False).featurize(train, [path])
@@ -141,7 +168,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", Terminal())
         TRAK(nets[0], TASK, proj_dim=8, progress=progress).featurize(train, states)
         text = sys.stderr.getvalue()
-        assert ("checkpoints" in text and "2/2" in text) == shown and (text == "") != shown
+        assert ("featurize" in text and "4/4" in text) == shown and (text == "") != shown
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: silent even when asked
     TRAK(nets[0], TASK, proj_dim=8).featurize(train, states)
     assert sys.stderr.getvalue() == ""

@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
@@ -30,6 +29,7 @@ import torch
 
 from . import _core
 from ._checks import check_int
+from ._progress import Progress
 
 FORMAT = "attrprims-feature-store/1"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -163,10 +163,6 @@ def _locked(path: str):
         yield
     finally:
         os.close(fd)
-
-
-def _show_bar(progress) -> bool:
-    return progress is True and sys.stderr is not None and sys.stderr.isatty()
 
 
 class FeatureStore:
@@ -355,28 +351,16 @@ class FeatureStore:
         rank = check_int("shard rank", shard[0], 0, world - 1)
         todo = [(a, b) for a, b in self.missing(model_id, block) if a // block % world == rank]
         self._register(model_id)
-        bar = None
-        if _show_bar(progress):
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                bar = tqdm(total=sum(b - a for a, b in todo), unit="row", desc=model_id, file=sys.stderr)
-        try:
+        with Progress(progress, sum(b - a for a, b in todo), model_id, "row") as bar:
             for start, stop in todo:
                 blocks, rows, first = self._validate(start, compute(start, stop))
                 if rows != stop - start:
                     raise ValueError(f"compute: expected {stop - start} rows for block [{start}, {stop}), got {rows} "
                                      f"in {first}")
                 self._write_block(model_id, start, stop, blocks, overwrite=False)
-                if bar is not None:
-                    bar.update(stop - start)
-                elif callable(progress):
+                bar.update(stop - start)
+                if callable(progress):
                     progress(start, stop)
-        finally:
-            if bar is not None:
-                bar.close()
         return todo
 
     def __repr__(self) -> str:

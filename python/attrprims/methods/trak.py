@@ -27,10 +27,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import sys
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from .._batches import batch_size, model_args
 from ..factored_projector import FactoredProjector
@@ -38,6 +38,7 @@ from ..gram import GramAccumulator
 from ..param_layout import param_layout
 from ..per_sample_grads import project_grads
 from .._kernel_args import KIND_NAMES
+from .._progress import Progress
 from ..projection import Projector
 from ..scoring import score
 from ..store import FeatureStore
@@ -68,27 +69,6 @@ def _load(checkpoint, device):
     raise TypeError(f"checkpoints: expected state_dicts or paths, got {type(checkpoint).__name__}")
 
 
-class _Progress:
-    """A tqdm bar (over checkpoints or batches) when asked and stderr is a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool, total, desc: str, unit: str = "batch"):
-        self.bar = None
-        if enabled and sys.stderr is not None and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=unit != "batch")
-
-    def step(self):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class TRAK:
     """TRAK attribution for a model and a task, featurized over checkpoints, scored for targets.
 
@@ -106,7 +86,7 @@ class TRAK:
             checkpoint's rows are kept under its position and a hash of its weights.
         device: where gradients are computed (default: the model's). path: "layer" or "generic" gradients.
         params: the parameters attributed (names or tensors of `model`; default all that require grad).
-        progress: tqdm bars over checkpoints and batches when stderr is a terminal.
+        progress: tqdm bars over the batches when stderr is a terminal.
     Determinism: features are a deterministic function of (checkpoint, data, seed) on a device; scores follow.
     """
 
@@ -116,6 +96,8 @@ class TRAK:
             raise TypeError(f"task: expected an attrprims.tasks.Task, got {type(task).__name__}")
         if kind not in (*KIND_NAMES, "factored"):
             raise ValueError(f"kind: expected one of {(*KIND_NAMES, 'factored')}, got {kind!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress: expected True or False, got {type(progress).__name__}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = copy.deepcopy(model).to(self.device).eval()
         self.task, self.path, self.progress = task, path, progress
@@ -131,48 +113,50 @@ class TRAK:
         self.damping, self.relative = damping, relative
         self.store_path = store
         self._models: list[dict] = []  # per checkpoint: features [n, k], out_to_loss [n], gram, state
+        self._loaded = None  # the state_dict in self.model
 
     # ---- featurize ----------------------------------------------------------------------------------
 
     def featurize(self, train_loader: Iterable, checkpoints: Sequence) -> "TRAK":
-        """Project the training set's gradients under each checkpoint; accumulate Gram matrices and Q.
+        """Project the training set's gradients under every checkpoint; then each one's Gram matrix and Q.
 
-        train_loader: re-iterable batches in a fixed order (not shuffled: rows are training example indices).
-        checkpoints: state_dicts or paths, one per independently trained model (or training checkpoint).
+        train_loader: re-iterable batches in a fixed order (not shuffled: rows are training example indices). It
+            is read once for all checkpoints (a task whose `prepare` reads data, like CLIP's, reads it once more
+            per checkpoint), each batch going through every checkpoint's weights in turn.
+        checkpoints: state_dicts or paths, one per independently trained model (or training checkpoint); all
+            are held in memory.
         """
         if not checkpoints:
             raise ValueError("checkpoints: expected at least one state_dict or path, got none")
-        batches = None if self.store_path is None else list(train_loader)
-        n = sum(batch_size(b) for b in batches) if batches is not None else None
-        store = None
-        if self.store_path is not None:
-            store = FeatureStore.open(self.store_path, n=n, arrays={"features": ([self.k], torch.float32),
-                                                                    "out_to_loss": ([], torch.float32)},
-                                      projector=self.projector, layout=self.layout, output=self.task.name,
-                                      extra={"task": self.task.config(), "params": self.params})
-        self._models = []
-        outer = _Progress(self.progress, len(checkpoints), "checkpoints", unit="model")
-        for m, checkpoint in enumerate(checkpoints):
-            state = _load(checkpoint, self.device)
-            self.model.load_state_dict(state)
-            self.model.eval()
+        states = [_load(checkpoint, self.device) for checkpoint in checkpoints]
+        tasks = []
+        self._loaded = None
+        for state in states:
+            self._use(state)
             task = copy.deepcopy(self.task)  # per checkpoint: prepare may fit state (CLIP's reference embeddings)
-            task.prepare(self.model, train_loader if batches is None else batches)
-            if store is None:
-                features, q = self._featurize_memory(task, train_loader, f"model {m}")
-            else:
-                features, q = self._featurize_store(task, store, batches, f"model-{m}-{_digest(state)}")
+            task.prepare(self.model, train_loader)
+            tasks.append(task)
+        if self.store_path is None:
+            columns = self._featurize_memory(states, tasks, train_loader, "featurize", leave=True)
+        else:
+            columns = self._featurize_store(states, tasks, train_loader)
+        self._models = []
+        for state, task, (features, q) in zip(states, tasks, columns):
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
             self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state, "task": task})
-            outer.step()
-        outer.close()
         return self
 
+    def _use(self, state):
+        """Load `state` into the private model unless it is the one loaded last."""
+        if self._loaded is not state:
+            self.model.load_state_dict(state)
+            self.model.eval()
+            self._loaded = state
+
     def _project_batch(self, task, batch):
-        """Projected gradients [b, k] and out-to-loss terms [b] of one batch under the loaded checkpoint."""
-        batch = _to(batch, self.device)
+        """Projected gradients [b, k] and out-to-loss terms [b] of one batch (on the device) under the loaded model."""
         phi = project_grads(self.model, task.output, batch, self.projector, params=self.params, inputs=task.inputs,
                             path=self.path)
         args, kwargs = model_args(task.inputs, batch)
@@ -180,44 +164,61 @@ class TRAK:
             q = task.out_to_loss(self.model(*args, **kwargs), batch)
         return phi, q.float()
 
-    def _featurize_memory(self, task, loader, desc):
-        bar = _Progress(self.progress, _len(loader), desc)
-        phis, qs = [], []
-        for batch in loader:
-            phi, q = self._project_batch(task, batch)
-            phis.append(phi.cpu())
-            qs.append(q.cpu())
-            bar.step()
-        bar.close()
-        if not phis:
-            raise ValueError("train_loader: expected at least one batch, got none")
-        return torch.cat(phis), torch.cat(qs)
+    def _featurize_memory(self, states, tasks, loader, desc, leave=False):
+        """[(features [n, k], out_to_loss [n])] per checkpoint, in one pass over `loader`."""
+        phis, qs = [[] for _ in states], [[] for _ in states]
+        with Progress(self.progress, _len(loader), desc, "batch", leave=leave) as bar:
+            for batch in loader:
+                batch = _to(batch, self.device)
+                for m, (state, task) in enumerate(zip(states, tasks)):
+                    self._use(state)
+                    phi, q = self._project_batch(task, batch)
+                    phis[m].append(phi.cpu())
+                    qs[m].append(q.cpu())
+                bar.update()
+        if not phis[0]:
+            raise ValueError(f"{'train_loader' if desc == 'featurize' else 'test_loader'}: expected at least one "
+                             f"batch, got none")
+        return [(torch.cat(p), torch.cat(q)) for p, q in zip(phis, qs)]
 
-    def _featurize_store(self, task, store: FeatureStore, batches, model_id):
-        """Featurize only the batches the store lacks (batch boundaries are its blocks), then read all back."""
-        done = store.completed(model_id)
-        bar = _Progress(self.progress, len(batches), model_id)
+    def _featurize_store(self, states, tasks, loader):
+        """Featurize the batches the store lacks for each checkpoint (batches are its blocks), then read all back."""
+        n = _rows(loader)
+        store = FeatureStore.open(self.store_path, n=n, arrays={"features": ([self.k], torch.float32),
+                                                                "out_to_loss": ([], torch.float32)},
+                                  projector=self.projector, layout=self.layout, output=self.task.name,
+                                  extra={"task": self.task.config(), "params": self.params})
+        ids = [f"model-{m}-{_digest(state)}" for m, state in enumerate(states)]
+        done = [store.completed(model_id) for model_id in ids]
         start = 0
-        for batch in batches:
-            stop = start + batch_size(batch)
-            if not any(a <= start and stop <= b for a, b in done) and stop > start:
-                phi, q = self._project_batch(task, batch)
-                store.write(model_id, start, {"features": phi, "out_to_loss": q})
-            start = stop
-            bar.step()
-        bar.close()
-        return store.read(model_id, "features"), store.read(model_id, "out_to_loss")
+        with Progress(self.progress, _len(loader), "featurize", "batch") as bar:
+            for batch in loader:
+                stop = start + batch_size(batch)
+                if stop > n:
+                    raise ValueError(f"train_loader: yielded more than the {n} rows it had when the store was opened")
+                todo = [m for m in range(len(states)) if stop > start and not any(a <= start and stop <= b
+                                                                                  for a, b in done[m])]
+                if todo:
+                    batch = _to(batch, self.device)
+                for m in todo:
+                    self._use(states[m])
+                    phi, q = self._project_batch(tasks[m], batch)
+                    store.write(ids[m], start, {"features": phi, "out_to_loss": q})
+                start = stop
+                bar.update()
+        if start != n:
+            raise ValueError(f"train_loader: yielded {start} rows, expected {n} (its length when the store was opened)")
+        return [(store.read(model_id, "features"), store.read(model_id, "out_to_loss")) for model_id in ids]
 
     # ---- score ----------------------------------------------------------------------------------------
 
     def target_features(self, test_loader: Iterable) -> list[torch.Tensor]:
         """φ_m(z) [m_test, k] for each model m: the targets' projected gradients of f."""
-        out = []
-        for m, entry in enumerate(self._checked_models()):
-            self.model.load_state_dict(entry["state"])
-            self.model.eval()
-            out.append(self._featurize_memory(entry["task"], test_loader, f"targets, model {m}")[0])
-        return out
+        models = self._checked_models()
+        self._loaded = None
+        columns = self._featurize_memory([e["state"] for e in models], [e["task"] for e in models], test_loader,
+                                         "targets")
+        return [features for features, _ in columns]
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None, damping=None, targets=None):
         """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target.
@@ -297,6 +298,14 @@ def _to(batch, device):
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
+
+
+def _rows(loader) -> int:
+    """Rows a loader yields: its dataset's length for a plain sequential DataLoader, else counted in one pass."""
+    batches = loader.batch_sampler if isinstance(loader, DataLoader) else None
+    if isinstance(batches, BatchSampler) and isinstance(batches.sampler, SequentialSampler) and not batches.drop_last:
+        return len(batches.sampler)
+    return sum(batch_size(batch) for batch in loader)
 
 
 def _len(loader):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from .._checks import check_int, check_matrix, check_seed
+from .._progress import Progress
 
 FORMAT = "attrprims-retrain/1"
 
@@ -206,8 +206,7 @@ def retrain_outputs(train_fn: Callable, output_fn: Callable, masks: torch.Tensor
     rows: list[torch.Tensor | None] = [entry.load(j) if entry is not None else None for j in range(len(masks_np))]
     todo = [j for j, row in enumerate(rows) if row is None]
     n_targets = entry.n_targets if entry is not None else None
-    bar = _progress_bar(progress, len(rows), len(rows) - len(todo))
-    try:
+    with Progress(progress, len(rows), "retrain", "model", initial=len(rows) - len(todo), leave=False) as bar:
         for j in todo:
             model = train_fn(torch.from_numpy(np.flatnonzero(masks_np[j]).astype(np.int64)), subset_seed(seed, j))
             rows[j] = _outputs(output_fn(model), j, n_targets)
@@ -215,19 +214,5 @@ def retrain_outputs(train_fn: Callable, output_fn: Callable, masks: torch.Tensor
             n_targets = rows[j].shape[0]
             if entry is not None:
                 entry.save(j, rows[j])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update()
     return torch.stack(rows)
-
-
-def _progress_bar(progress: bool, total: int, done: int):
-    if not (progress and sys.stderr is not None and sys.stderr.isatty()):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=done, desc="retrain", unit="model", file=sys.stderr, leave=False)
