@@ -399,13 +399,19 @@ def main():
         "traker's BasicProjector accepts any proj_dim (blocks of 100 columns, the last one partial); fast_jl's "
         "multiple-of-512 rule is GPU-only. Batch size matters to the peers only: they regenerate the projection "
         "matrix for every batch (traker) or rebuild the projector for every batch (dattri), so smaller batches "
-        "slow them down; attrprims never holds the matrix and costs the same at any batch size. Measured once "
-        "apart from this table (MLP, M = 1, --batch 100): attrprims 1.59 s, traker 4.94 s (3.1×), dattri 4.65 s.",
+        "slow them down; attrprims never holds the matrix and costs the same at any batch size.",
+        "Where attrprims' time goes: on the CPU its rademacher projection at k >= 256 uses sign tables (one table "
+        "load and add per 8 coordinates of 8 examples, no multiplications; bench_projection.py), and it reads the "
+        "data once for all M checkpoints (each batch goes through every checkpoint in turn), where the peers "
+        "featurize checkpoint by checkpoint and read the data M times. On logistic regression the per-model "
+        "float64 Gram (1500 × 512), Cholesky and solves, which the peers do in float32, are most of what is left.",
         "Why λ = 0 scatters on logistic regression at k = 512: the 1500 × 650 matrix of per-example margin "
         "gradients has rank exactly 512 (singular values from 56 down to 1.1e-3, then 1e-14), so ΦᵀΦ at k = 512 "
         "is barely invertible with a condition number far beyond float32's 1/eps; traker's float32 inverse and "
         "dattri's float32 solve (same projection) then disagree with each other and with attrprims' float64 solve. "
         "Damping 'auto' does not depend on that.",
+        *(["--quick: 20 subset models, M up to 2, one timed call: a smoke test of this script; its LDS intervals "
+           "are too wide and its timings too few to compare methods."] if args.quick else []),
         "Training runs on one torch thread (tiny batches train ~4× faster than on two); the timed part uses "
         f"{args.threads}.",
         f"Whole run {total:.0f} s (including training, retraining when not cached, and LDS); other processes "
