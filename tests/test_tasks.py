@@ -392,3 +392,40 @@ def test_language_modeling_errors_name_the_argument():
             task.output(logits, ids)
     with pytest.raises(ValueError, match="batch"):
         per_sample_grads(tiny(CausalLM()), task.output, {"ids": ids}, inputs=lambda b: b["ids"])
+
+
+def test_losses_match_torch():
+    """Each task's per-example loss equals torch's loss function for it (and −log σ(f) for the log-odds tasks)."""
+    g = generator(5)
+    logits, labels = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+    multi = MultiClassClassification()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(multi.loss(logits, (None, labels)), ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(multi.loss(logits, (None, labels)), F.softplus(-multi.output(logits, (None, labels))),
+                               rtol=1e-12, atol=1e-12)
+    text = TextClassification()
+    torch.testing.assert_close(text.loss(SimpleNamespace(logits=logits), {"input_ids": None, "labels": labels}), ce,
+                               rtol=1e-12, atol=1e-12)
+    logit, y = logits[:, 0], (labels % 2).double()
+    torch.testing.assert_close(BinaryClassification().loss(logit, (None, y)),
+                               F.binary_cross_entropy_with_logits(logit, y, reduction="none"), rtol=1e-12, atol=1e-12)
+    clip = ContrastiveImageText(reference_size=6)
+    model = tiny(DualEncoder())
+    clip.prepare(model, pair_batches())
+    batch = pairs(4, seed=7)
+    outputs = model(*clip.inputs(batch))
+    u, v = outputs
+    ref_u, ref_v = clip.reference
+    image_ce = F.cross_entropy(torch.cat([(u * v).sum(-1, keepdim=True), u @ ref_v.T], 1), torch.zeros(4).long(),
+                               reduction="none")
+    text_ce = F.cross_entropy(torch.cat([(u * v).sum(-1, keepdim=True), v @ ref_u.T], 1), torch.zeros(4).long(),
+                              reduction="none")
+    # The reference holds the pair itself among its negatives when drawn, as f does; softplus(−a) is exactly
+    # −log(e^s / (e^s + Σ_j e^{s_j})) = cross-entropy with the own pair as class 0.
+    torch.testing.assert_close(clip.loss(outputs, batch), (image_ce + text_ce) / 2, rtol=1e-10, atol=1e-12)
+    lm, model = LanguageModeling(), tiny(CausalLM())
+    batch = lm_batch()
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    targets = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    token_ce = F.cross_entropy(out[:, :-1].transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(lm.loss(out, batch), token_ce.sum(-1), rtol=1e-12, atol=1e-12)

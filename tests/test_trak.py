@@ -76,7 +76,7 @@ def test_store_resume_gives_identical_scores(tmp_path):
     plain = TRAK(nets[0], TASK, proj_dim=8, progress=False).featurize(train, states).score(test)
 
     def counted(trak, fail_after=None):
-        calls, original = [], trak._project_batch
+        calls, original = [], trak._features
 
         def project(task, batch):
             if fail_after is not None and len(calls) == fail_after:
@@ -84,7 +84,7 @@ def test_store_resume_gives_identical_scores(tmp_path):
             calls.append(len(batch[0]))
             return original(task, batch)
 
-        trak._project_batch = project
+        trak._features = project
         return calls
 
     first = TRAK(nets[0], TASK, proj_dim=8, store=tmp_path / "s", progress=False)
@@ -188,7 +188,7 @@ def test_contrastive_task_prepares_a_reference_per_checkpoint():
                 p.add_(0.1 * i)
     task = ContrastiveImageText(reference_size=6, scale=None)
     trak = TRAK(nets[0], task, proj_dim=8, progress=False).featurize(train, [n.state_dict() for n in nets])
-    references = [entry["task"].reference for entry in trak._models]
+    references = [task.reference for task in trak.runner.tasks]
     assert not torch.equal(references[0][0], references[1][0])  # prepared per checkpoint
     scores = trak.score(train[:1])
     assert scores.shape == (4, 12) and torch.isfinite(scores).all()

@@ -1,8 +1,9 @@
 """Tasks: what an attribution method attributes, for a kind of model and data.
 
 A task says how a batch feeds the model (`inputs`), which scalar per example is attributed (`output`, TRAK's
-model output function f) and TRAK's out-to-loss term (`out_to_loss`, the diagonal of Q: how much the loss moves
-per unit of output). Methods call these three, and `prepare` once per checkpoint, and nothing else, so a new kind
+model output function f), TRAK's out-to-loss term (`out_to_loss`, the diagonal of Q: how much the loss moves
+per unit of output) and the per-example training loss (`loss`, whose gradients influence functions, TracIn and
+Grad-Dot/Cos use). Methods call these four, and `prepare` once per checkpoint, and nothing else, so a new kind
 of model needs only a new task: subclass `Task` and override what differs. `config()` names the task and its
 options; feature stores record it and refuse to mix features made under another task.
 """
@@ -40,6 +41,10 @@ class Task:
         """[n] ∂loss/∂f per example (TRAK's Q), evaluated at the trained model."""
         raise NotImplementedError
 
+    def loss(self, outputs, batch) -> torch.Tensor:
+        """[n] the training loss per example (the one the model was trained to minimise, before averaging)."""
+        raise NotImplementedError
+
     def config(self) -> dict:
         """JSON-serialisable identity of the task (its name and options)."""
         return {"name": self.name}
@@ -70,7 +75,7 @@ class MultiClassClassification(Task):
     """Classification with logits [n, C] and integer labels: batches (inputs, labels).
 
     Equivalent to TRAK's choice (Park et al. 2023, Sec. 3): f = log(p_y / (1 − p_y)) = logit_y − logsumexp of the
-    other logits (the margin), and Q = 1 − p_y with p = softmax(logits).
+    other logits (the margin), and Q = 1 − p_y with p = softmax(logits). The loss is cross-entropy, −log p_y.
     """
 
     name = "multiclass"
@@ -86,12 +91,16 @@ class MultiClassClassification(Task):
         y = _labels(batch).long()
         return 1.0 - torch.softmax(outputs, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
+    def loss(self, outputs, batch):
+        y = _labels(batch).long()
+        return torch.logsumexp(outputs, dim=-1) - outputs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
 
 class BinaryClassification(Task):
     """Binary classification with one logit per example ([n] or [n, 1]) and labels in {0, 1}.
 
     Equivalent to f = (2y − 1)·logit (the log-odds of the correct class, TRAK's margin for two classes) and
-    Q = 1 − σ(f), one minus the probability of the correct class.
+    Q = 1 − σ(f), one minus the probability of the correct class. The loss is binary cross-entropy, −log σ(f).
     """
 
     name = "binary"
@@ -103,6 +112,9 @@ class BinaryClassification(Task):
 
     def out_to_loss(self, outputs, batch):
         return 1.0 - torch.sigmoid(self.output(outputs, batch))
+
+    def loss(self, outputs, batch):
+        return torch.nn.functional.softplus(-self.output(outputs, batch))
 
 
 def _logits(outputs) -> torch.Tensor:
@@ -153,6 +165,9 @@ class TextClassification(MultiClassClassification):
     def out_to_loss(self, outputs, batch):
         return super().out_to_loss(_logits(outputs), (None, self._split(batch)[1]))
 
+    def loss(self, outputs, batch):
+        return super().loss(_logits(outputs), (None, self._split(batch)[1]))
+
     def config(self) -> dict:
         return {"name": self.name, "label_key": self.label_key}
 
@@ -173,7 +188,8 @@ class ContrastiveImageText(Task):
 
     Equivalent to f_i = a_i + b_i and Q_i = 1 − (σ(a_i) + σ(b_i)) / 2, where, over R reference pairs (U_j, V_j),
     with s_i = ⟨u_i, v_i⟩, a_i = −log Σ_j exp(scale·(⟨u_i, V_j⟩ − s_i)), b_i = −log Σ_j exp(scale·(⟨U_j, v_i⟩ − s_i)):
-    the log-odds of matching image to text and text to image against R negatives (TRAK, Sec. 5.1). The reference, the
+    the log-odds of matching image to text and text to image against R negatives (TRAK, Sec. 5.1); the loss is the
+    mean of the two cross-entropies, (softplus(−a_i) + softplus(−b_i)) / 2, CLIP's loss against the reference. The reference, the
     model's embeddings of a seeded sample of training pairs, stands in for the batch so that f_i depends on pair i
     alone; it belongs to one checkpoint, so methods call `prepare` again for each. Batches: tuples (images, texts),
     fed as model(images, texts), or mappings of keyword arguments.
@@ -266,6 +282,10 @@ class ContrastiveImageText(Task):
         a, b = self._log_odds(outputs)
         return 1.0 - (torch.sigmoid(a) + torch.sigmoid(b)) / 2
 
+    def loss(self, outputs, batch):
+        a, b = self._log_odds(outputs)
+        return (torch.nn.functional.softplus(-a) + torch.nn.functional.softplus(-b)) / 2
+
     def config(self) -> dict:
         return {"name": self.name, "reference_size": self.reference_size, "seed": self.seed, "scale": self.scale}
 
@@ -297,6 +317,7 @@ class LanguageModeling(Task):
     Q: ∂loss/∂f is 1 for every example here (the summed token loss is −f), which would not reweight at all, and
     1 − p(sequence) is ≈ 1 for any realistic length; 1 − p̄ with p̄ the geometric-mean token probability is the
     sequence analogue of 1 − p_y (equal to it for one scored token), the Q of dattri's language-model TRAK examples.
+    The loss is the summed token cross-entropy, −f.
     """
 
     name = "language_modeling"
@@ -326,3 +347,6 @@ class LanguageModeling(Task):
     def out_to_loss(self, outputs, batch):
         logp, scored = self._token_log_probs(outputs, batch)
         return 1.0 - torch.exp(logp.sum(-1) / scored.sum(-1).clamp_min(1))
+
+    def loss(self, outputs, batch):
+        return -self.output(outputs, batch)

@@ -24,49 +24,20 @@ Where this differs from traker, and why:
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from .._batches import batch_size, model_args
-from ..factored_projector import FactoredProjector
+from .._batches import model_args
+from .._checks import check_int
 from ..gram import GramAccumulator
-from ..param_layout import param_layout
-from ..per_sample_grads import project_grads
-from .._kernel_args import KIND_NAMES
-from .._progress import Progress
-from ..projection import Projector
 from ..scoring import score
 from ..store import FeatureStore
 from ..tasks import Task
+from ._checkpoints import CheckpointRunner
+from ._gradients import GradientFeatures
 
 AUTO_DAMPING = 0.5  # "auto": λ = AUTO_DAMPING · trace(ΦᵀΦ)/n, see the module docstring
-
-
-def _factors(k: int, factors) -> tuple[int, int]:
-    """(k_out, k_in) with k_out·k_in == k for kind="factored": given, or the most square split of a power of 2."""
-    if factors is not None:
-        k_out, k_in = factors
-        if k_out * k_in != k:
-            raise ValueError(f"factors: expected k_out·k_in == proj_dim == {k}, got {factors!r}")
-        return k_out, k_in
-    if k & (k - 1):
-        raise ValueError(f"proj_dim: kind='factored' splits a power of 2 into k_out·k_in; got {k}, pass factors=")
-    k_in = 1 << (k.bit_length() - 1) // 2
-    return k // k_in, k_in
-
-
-def _load(checkpoint, device):
-    """A state_dict from a dict or a path (torch.load with weights_only)."""
-    if isinstance(checkpoint, dict):
-        return checkpoint
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return torch.load(checkpoint, map_location=device, weights_only=True)
-    raise TypeError(f"checkpoints: expected state_dicts or paths, got {type(checkpoint).__name__}")
 
 
 class TRAK:
@@ -92,28 +63,16 @@ class TRAK:
 
     def __init__(self, model, task: Task, *, proj_dim=2048, seed=0, kind="rademacher", factors=None,
                  damping="auto", relative=True, store=None, device=None, path="layer", params=None, progress=True):
-        if not isinstance(task, Task):
-            raise TypeError(f"task: expected an attrprims.tasks.Task, got {type(task).__name__}")
-        if kind not in (*KIND_NAMES, "factored"):
-            raise ValueError(f"kind: expected one of {(*KIND_NAMES, 'factored')}, got {kind!r}")
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress: expected True or False, got {type(progress).__name__}")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = copy.deepcopy(model).to(self.device).eval()
-        self.task, self.path, self.progress = task, path, progress
-        names = None if params is None else [p if isinstance(p, str) else _name_of(model, p) for p in params]
-        self.params = names
-        self.layout = param_layout(self.model, names)
-        self.k = proj_dim
-        if kind == "factored":
-            k_out, k_in = _factors(proj_dim, factors)
-            self.projector = FactoredProjector(self.layout.p, k_out, k_in, seed)
-        else:
-            self.projector = Projector(self.layout.p, proj_dim, seed, kind)
+        check_int("proj_dim", proj_dim, 1)
+        self.runner = CheckpointRunner(model, task, device, progress)
+        self.model, self.device, self.task, self.path = self.runner.model, self.runner.device, task, path
+        self.grads = GradientFeatures(model, params=params, proj_dim=proj_dim, seed=seed, kind=kind, factors=factors,
+                                      path=path)
+        self.params, self.layout, self.projector, self.k = (self.grads.names, self.grads.layout,
+                                                            self.grads.projector, proj_dim)
         self.damping, self.relative = damping, relative
         self.store_path = store
-        self._models: list[dict] = []  # per checkpoint: features [n, k], out_to_loss [n], gram, state
-        self._loaded = None  # the state_dict in self.model
+        self._models: list[dict] = []  # per checkpoint: features [n, k], out_to_loss [n], gram
 
     # ---- featurize ----------------------------------------------------------------------------------
 
@@ -126,99 +85,43 @@ class TRAK:
         checkpoints: state_dicts or paths, one per independently trained model (or training checkpoint); all
             are held in memory.
         """
-        if not checkpoints:
-            raise ValueError("checkpoints: expected at least one state_dict or path, got none")
-        states = [_load(checkpoint, self.device) for checkpoint in checkpoints]
-        tasks = []
-        self._loaded = None
-        for state in states:
-            self._use(state)
-            task = copy.deepcopy(self.task)  # per checkpoint: prepare may fit state (CLIP's reference embeddings)
-            task.prepare(self.model, train_loader)
-            tasks.append(task)
+        self.runner.load(checkpoints, train_loader)
         if self.store_path is None:
-            columns = self._featurize_memory(states, tasks, train_loader, "featurize", leave=True)
+            columns = self.runner.collect(train_loader, self._features, desc="featurize", argument="train_loader",
+                                          leave=True)
         else:
-            columns = self._featurize_store(states, tasks, train_loader)
+            columns = self.runner.fill_store(train_loader, self._features, self._open_store)
         self._models = []
-        for state, task, (features, q) in zip(states, tasks, columns):
+        for column in columns:
+            features = column["features"]
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
-            self._models.append({"features": features, "out_to_loss": q, "gram": gram, "state": state, "task": task})
+            self._models.append({"features": features, "out_to_loss": column["out_to_loss"], "gram": gram})
         return self
 
-    def _use(self, state):
-        """Load `state` into the private model unless it is the one loaded last."""
-        if self._loaded is not state:
-            self.model.load_state_dict(state)
-            self.model.eval()
-            self._loaded = state
-
-    def _project_batch(self, task, batch):
-        """Projected gradients [b, k] and out-to-loss terms [b] of one batch (on the device) under the loaded model."""
-        phi = project_grads(self.model, task.output, batch, self.projector, params=self.params, inputs=task.inputs,
-                            path=self.path)
+    def _features(self, task, batch):
+        """{"features": projected gradients of f [b, k], "out_to_loss": Q [b]} of a batch under the loaded weights."""
+        phi = self.grads(self.model, task.output, batch, task.inputs)
         args, kwargs = model_args(task.inputs, batch)
         with torch.no_grad():
             q = task.out_to_loss(self.model(*args, **kwargs), batch)
-        return phi, q.float()
+        return {"features": phi, "out_to_loss": q.float()}
 
-    def _featurize_memory(self, states, tasks, loader, desc, leave=False):
-        """[(features [n, k], out_to_loss [n])] per checkpoint, in one pass over `loader`."""
-        phis, qs = [[] for _ in states], [[] for _ in states]
-        with Progress(self.progress, _len(loader), desc, "batch", leave=leave) as bar:
-            for batch in loader:
-                batch = _to(batch, self.device)
-                for m, (state, task) in enumerate(zip(states, tasks)):
-                    self._use(state)
-                    phi, q = self._project_batch(task, batch)
-                    phis[m].append(phi.cpu())
-                    qs[m].append(q.cpu())
-                bar.update()
-        if not phis[0]:
-            raise ValueError(f"{'train_loader' if desc == 'featurize' else 'test_loader'}: expected at least one "
-                             f"batch, got none")
-        return [(torch.cat(p), torch.cat(q)) for p, q in zip(phis, qs)]
-
-    def _featurize_store(self, states, tasks, loader):
-        """Featurize the batches the store lacks for each checkpoint (batches are its blocks), then read all back."""
-        n = _rows(loader)
-        store = FeatureStore.open(self.store_path, n=n, arrays={"features": ([self.k], torch.float32),
-                                                                "out_to_loss": ([], torch.float32)},
-                                  projector=self.projector, layout=self.layout, output=self.task.name,
-                                  extra={"task": self.task.config(), "params": self.params})
-        ids = [f"model-{m}-{_digest(state)}" for m, state in enumerate(states)]
-        done = [store.completed(model_id) for model_id in ids]
-        start = 0
-        with Progress(self.progress, _len(loader), "featurize", "batch") as bar:
-            for batch in loader:
-                stop = start + batch_size(batch)
-                if stop > n:
-                    raise ValueError(f"train_loader: yielded more than the {n} rows it had when the store was opened")
-                todo = [m for m in range(len(states)) if stop > start and not any(a <= start and stop <= b
-                                                                                  for a, b in done[m])]
-                if todo:
-                    batch = _to(batch, self.device)
-                for m in todo:
-                    self._use(states[m])
-                    phi, q = self._project_batch(tasks[m], batch)
-                    store.write(ids[m], start, {"features": phi, "out_to_loss": q})
-                start = stop
-                bar.update()
-        if start != n:
-            raise ValueError(f"train_loader: yielded {start} rows, expected {n} (its length when the store was opened)")
-        return [(store.read(model_id, "features"), store.read(model_id, "out_to_loss")) for model_id in ids]
+    def _open_store(self, n):
+        return FeatureStore.open(self.store_path, n=n, arrays={"features": ([self.k], torch.float32),
+                                                               "out_to_loss": ([], torch.float32)},
+                                 projector=self.projector, layout=self.layout, output=self.task.name,
+                                 extra={"task": self.task.config(), "params": self.params})
 
     # ---- score ----------------------------------------------------------------------------------------
 
     def target_features(self, test_loader: Iterable) -> list[torch.Tensor]:
         """φ_m(z) [m_test, k] for each model m: the targets' projected gradients of f."""
-        models = self._checked_models()
-        self._loaded = None
-        columns = self._featurize_memory([e["state"] for e in models], [e["task"] for e in models], test_loader,
-                                         "targets")
-        return [features for features, _ in columns]
+        self._checked_models()
+        columns = self.runner.collect(test_loader, lambda task, batch: {"features": self.grads(
+            self.model, task.output, batch, task.inputs)}, desc="targets", argument="test_loader")
+        return [column["features"] for column in columns]
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None, damping=None, targets=None):
         """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target.
@@ -270,47 +173,3 @@ class TRAK:
         if not self._models:
             raise ValueError("featurize: call featurize(train_loader, checkpoints) before scoring")
         return self._models
-
-
-def _digest(state: dict) -> str:
-    """16 hex digits of sha256 over a state_dict's names and bytes: a store never mixes two checkpoints' rows."""
-    h = hashlib.sha256()
-    for name, t in state.items():
-        h.update(name.encode())
-        if isinstance(t, torch.Tensor):
-            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _name_of(model, tensor) -> str:
-    for name, t in model.named_parameters():
-        if t is tensor:
-            return name
-    raise ValueError("params: a tensor given is not a parameter of model")
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _rows(loader) -> int:
-    """Rows a loader yields: its dataset's length for a plain sequential DataLoader, else counted in one pass."""
-    batches = loader.batch_sampler if isinstance(loader, DataLoader) else None
-    if isinstance(batches, BatchSampler) and isinstance(batches.sampler, SequentialSampler) and not batches.drop_last:
-        return len(batches.sampler)
-    return sum(batch_size(batch) for batch in loader)
-
-
-def _len(loader):
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-

@@ -1,0 +1,69 @@
+"""Per-example gradient features shared by the methods: flat, or projected to k dimensions."""
+
+from __future__ import annotations
+
+import torch
+
+from .._kernel_args import KIND_NAMES
+from ..factored_projector import FactoredProjector
+from ..param_layout import param_layout
+from ..per_sample_grads import per_sample_grads, project_grads
+from ..projection import Projector
+
+PROJECTION_KINDS = (*KIND_NAMES, "factored")
+
+
+class GradientFeatures:
+    """Per-example gradients of a task function ([b] per batch) w.r.t. the selected parameters: [b, p] or [b, k].
+
+    Equivalent to `per_sample_grads(model, fn, batch, params=..., flat=True)`, times the projection P [p, k] when
+    proj_dim is given (then computed by `project_grads`, never holding the [b, p] gradients).
+
+    Args:
+        model: the nn.Module whose parameters are selected (names are resolved against it).
+        params: names or tensors of `model` (default: every parameter requiring grad).
+        proj_dim: k, or None for the flat gradients. seed, kind ("rademacher", "gaussian", "sjlt", "factored"),
+            factors ((k_out, k_in) for "factored"): the projection. path: "layer" or "generic" gradients.
+    Attributes: names, layout, projector (None when flat), dim (k or p).
+    """
+
+    def __init__(self, model, *, params=None, proj_dim=None, seed=0, kind="rademacher", factors=None, path="layer"):
+        if kind not in PROJECTION_KINDS:
+            raise ValueError(f"kind: expected one of {PROJECTION_KINDS}, got {kind!r}")
+        self.names = None if params is None else [p if isinstance(p, str) else _name_of(model, p) for p in params]
+        self.layout = param_layout(model, self.names)
+        self.path = path
+        if proj_dim is None:
+            self.projector, self.dim = None, self.layout.p
+        elif kind == "factored":
+            k_out, k_in = _factors(proj_dim, factors)
+            self.projector, self.dim = FactoredProjector(self.layout.p, k_out, k_in, seed), proj_dim
+        else:
+            self.projector, self.dim = Projector(self.layout.p, proj_dim, seed, kind), proj_dim
+
+    def __call__(self, model, fn, batch, inputs) -> torch.Tensor:
+        """[b, dim] float32: gradients of fn(outputs, batch) [b] per example, projected when a projector is set."""
+        if self.projector is None:
+            return per_sample_grads(model, fn, batch, params=self.names, inputs=inputs, path=self.path,
+                                    flat=True).float()
+        return project_grads(model, fn, batch, self.projector, params=self.names, inputs=inputs, path=self.path)
+
+
+def _factors(k: int, factors) -> tuple[int, int]:
+    """(k_out, k_in) with k_out·k_in == k for kind="factored": given, or the most square split of a power of 2."""
+    if factors is not None:
+        k_out, k_in = factors
+        if k_out * k_in != k:
+            raise ValueError(f"factors: expected k_out·k_in == proj_dim == {k}, got {factors!r}")
+        return k_out, k_in
+    if k & (k - 1):
+        raise ValueError(f"proj_dim: kind='factored' splits a power of 2 into k_out·k_in; got {k}, pass factors=")
+    k_in = 1 << (k.bit_length() - 1) // 2
+    return k // k_in, k_in
+
+
+def _name_of(model, tensor) -> str:
+    for name, t in model.named_parameters():
+        if t is tensor:
+            return name
+    raise ValueError("params: a tensor given is not a parameter of model")
