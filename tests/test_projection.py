@@ -128,12 +128,17 @@ def test_project_rademacher_sign_tables(n, c, k, offset, dtype):
     torch.testing.assert_close(again, out + 0.5, rtol=1e-6, atol=1e-6)
 
 
-def test_project_rademacher_sign_tables_in_passes():
-    """At large k the sign tables cover P's rows in passes (64 rows each at this k, the last one partial)."""
-    k, c = 2**16 + 1, 150
+@pytest.mark.parametrize("k", [2**16, 2**16 + 1])
+def test_project_rademacher_large_k(k):
+    """The largest sign-table k covers P's rows in passes (512 rows each here, the last one partial); one more goes
+    by the GEMM path again."""
+    c = 600
     x = torch.randn(3, c)
-    p = Projector(11 + c, k, seed=2).matrix(slice(11, 11 + c)).double()  # bitwise the reference's matrix
-    assert_projection_close(project(x, k, seed=2, offset=11), x.double() @ p, x, p.abs(), TOL[torch.float32])
+    p = Projector(11 + c, k, seed=2).matrix(slice(11, 11 + c))  # bitwise the reference's matrix
+    out = project(x, k, seed=2, offset=11)
+    for c0 in range(0, k, 8192):  # float64 reference a slice of columns at a time
+        part = p[:, c0:c0 + 8192].double()
+        assert_projection_close(out[:, c0:c0 + 8192], x.double() @ part, x, part.abs(), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("s", [1, 2, 5, 8, 64])

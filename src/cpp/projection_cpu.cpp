@@ -81,7 +81,7 @@ void project_cpu(const ProjectArgs& a) {
     parallel_for(threads, splits, [&](int64_t u) { kt.sjlt_forward(a, a.n * u / splits, a.n * (u + 1) / splits); });
     return;
   }
-  if (a.spec.kind == Kind::rademacher && a.spec.k >= kCpuSignTableMinK) {
+  if (a.spec.kind == Kind::rademacher && a.spec.k >= kCpuSignTableMinK && a.spec.k <= kCpuSignTableMaxK) {
     rademacher_by_sign_tables(a, kt, threads);
     return;
   }

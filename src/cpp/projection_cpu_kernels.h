@@ -9,9 +9,10 @@ namespace attrprims {
 constexpr int64_t kCpuTileCols = 128;
 /// Rows of P (output columns) of one dense transpose work unit.
 constexpr int64_t kCpuTransposeTileRows = 128;
-/// Smallest k whose forward Rademacher projection goes by sign tables (below it, tabulating costs more
-/// than the FMAs it saves).
+/// Range of k whose forward Rademacher projection goes by sign tables: below it, tabulating costs more than
+/// the FMAs it saves; above it, the per-thread accumulators (32·k bytes) and sign bytes outgrow the caches.
 constexpr int64_t kCpuSignTableMinK = 256;
+constexpr int64_t kCpuSignTableMaxK = int64_t{1} << 16;
 /// Most bytes of Rademacher signs generated per pass over the input: a pass covers 8 · this / k rows of P,
 /// rounded down to a multiple of 512, and at least 64.
 constexpr int64_t kCpuSignBytesPerPass = int64_t{4} << 20;
