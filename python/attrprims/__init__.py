@@ -21,13 +21,13 @@ from .store import FeatureStore
 from .tasks import (BinaryClassification, ContrastiveImageText, LanguageModeling, MultiClassClassification, Task,
                     TextClassification)
 from . import methods, metrics
-from .methods import TRAK, GradCos, GradDot, InfluenceFunction, TracInCP
+from .methods import TRAK, GradCos, GradDot, InfluenceFunction, RepresenterPoints, TracInCP
 
 __version__ = _core_info["version"]
 
 __all__ = ["BinaryClassification", "ContrastiveImageText", "CudaStatus", "EnsembleAccumulator", "FactoredProjector",
            "FeatureStore", "GradCos", "GradDot", "GramAccumulator", "HessianOperator", "IHVPResult", "IHVPSolver",
-           "InfluenceFunction", "LanguageModeling", "MultiClassClassification", "ParamLayout", "Projector", "Ranked",
+           "InfluenceFunction", "LanguageModeling", "MultiClassClassification", "ParamLayout", "Projector", "Ranked", "RepresenterPoints",
            "SOLVERS", "TRAK", "Task", "TextClassification", "TracInCP", "__version__", "build_info", "cuda_available",
            "ensemble", "ggn_vp", "hvp", "ihvp_solver", "methods", "metrics", "param_layout", "per_sample_grads",
            "project", "project_factored", "project_grads", "project_transpose", "score"]

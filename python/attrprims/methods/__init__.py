@@ -5,6 +5,7 @@ Scores are [n_test, n_train] (rows are targets), positive where the training exa
 
 from .gradient_similarity import GradCos, GradDot, GradientSimilarity, TracInCP
 from .influence import InfluenceFunction
+from .representer import RepresenterPoints
 from .trak import TRAK
 
-__all__ = ["GradCos", "GradDot", "GradientSimilarity", "InfluenceFunction", "TRAK", "TracInCP"]
+__all__ = ["GradCos", "GradDot", "GradientSimilarity", "InfluenceFunction", "RepresenterPoints", "TRAK", "TracInCP"]

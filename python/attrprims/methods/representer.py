@@ -1,0 +1,187 @@
+"""Representer points (RPS-L2; Yeh et al., NeurIPS 2018): attribution through the last layer's representer theorem.
+
+Let f_i be the input of the model's last nn.Linear for training example i, extended by a constant 1 when the layer
+has a bias, and Θ = [W b] that layer's weights. Fine-tuned alone to a stationary point of
+
+    (1/n) Σ_i L(Θ f_i, y_i) + λ‖Θ‖²        (the bias is regularised with W, as a weight on the constant feature),
+
+Θ* = Σ_i α_i f_iᵀ with representer values α_i = −∂L(Θ* f_i, y_i)/∂Φ / (2λn) ∈ R^C, so the fine-tuned layer's
+pre-activation output on any z is exactly Φ(z) = Θ* f_z = Σ_i α_i (f_iᵀ f_z). The score of training example i for
+target z is its term for the target's class c (its label): α_{i,c} · f_iᵀ f_z, positive when x_i raises z's logit
+of its own class (for one-logit binary models, the logit times ±1 for labels 1/0). Scores average over checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .._batches import model_args
+from ..scoring import Ranked, score
+from ..tasks import BinaryClassification, MultiClassClassification, Task
+from ._checkpoints import CheckpointRunner
+
+
+class RepresenterPoints:
+    """RPS-L2 behind featurize / score / self_score (see the module docstring for the estimator).
+
+    Args:
+        model: nn.Module whose output is the output of its last nn.Linear (the logits).
+        task: MultiClassClassification (or TextClassification) or BinaryClassification: integer labels.
+        last_layer: the name of that nn.Linear in model.named_modules() (default: the last nn.Linear found).
+        l2: λ > 0. max_iter: L-BFGS iterations of the fine-tuning; tol: its gradient-norm target (a warning says
+            when it is not reached: the decomposition is then only approximate).
+        device: where the model runs (default: the model's). progress: tqdm bars when stderr is a terminal.
+    """
+
+    def __init__(self, model, task: Task, *, last_layer=None, l2=1e-3, max_iter=1000, tol=1e-9, device=None,
+                 progress=True):
+        if not isinstance(task, (MultiClassClassification, BinaryClassification)):
+            raise TypeError(f"task: expected a classification task with integer labels (MultiClassClassification, "
+                            f"TextClassification, BinaryClassification), got {type(task).__name__}")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+            raise ValueError(f"l2: expected a positive number, got {l2!r}")
+        modules = dict(model.named_modules())
+        if last_layer is None:
+            linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+            if not linear:
+                raise ValueError("last_layer: model has no nn.Linear")
+            last_layer = linear[-1]
+        if not isinstance(modules.get(last_layer), nn.Linear):
+            raise ValueError(f"last_layer: expected the name of an nn.Linear of model, got {last_layer!r}")
+        self.runner = CheckpointRunner(model, task, device, progress)
+        self.last_layer, self.l2, self.max_iter, self.tol = last_layer, float(l2), max_iter, tol
+        self.binary = isinstance(task, BinaryClassification)
+        self._fits: list[dict] = []  # per checkpoint: features [n, d'], labels [n], alpha [n, C], theta [C, d']
+
+    def featurize(self, train_loader: Iterable, checkpoints: Sequence):
+        """Last-layer inputs of the training set under every checkpoint, then each one's fine-tuning and α."""
+        self.runner.load(checkpoints, train_loader)
+        columns = self.runner.collect(train_loader, self._features, desc="featurize", argument="train_loader",
+                                      leave=True)
+        self._fits = []
+        for m, column in enumerate(columns):
+            layer = self.runner.model.get_submodule(self.last_layer)
+            self.runner.use(m)
+            start = layer.weight.detach().double()
+            if layer.bias is not None:
+                start = torch.cat([start, layer.bias.detach().double().unsqueeze(1)], dim=1)
+            self._fits.append(self._fit(column["features"], column["labels"], start.cpu()))
+        return self
+
+    def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
+        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target."""
+        self._checked()
+        targets = self.runner.collect(test_loader, self._features, desc="targets", argument="test_loader")
+        if topk is None and bottomk is None:
+            return sum(self._dense(fit, t) for fit, t in zip(self._fits, targets)) / len(self._fits)
+        # Concatenating the checkpoints' features along d makes the mean one product per class of targets, whose
+        # representer values are a weight per training example: the fused top-k of `score` applies.
+        labels = self._classes(targets[0]["labels"])
+        m = labels.shape[0]
+        parts = {"top_values": [], "top_indices": [], "bottom_values": [], "bottom_indices": []}
+        order = []
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().flatten()
+            a = torch.cat([t["features"][rows] * self._sign(t["labels"][rows]).unsqueeze(1) for t in targets], 1)
+            weights = [fit["alpha"][:, c] / len(self._fits) for fit in self._fits]
+            b = torch.cat([fit["features"] * w.unsqueeze(1) for fit, w in zip(self._fits, weights)], 1)
+            ranked = score(a.float(), None, b.float(), topk=topk, bottomk=bottomk)
+            for name in parts:
+                if getattr(ranked, name) is not None:
+                    parts[name].append(getattr(ranked, name))
+            order.append(rows)
+        inverse = torch.empty(m, dtype=torch.long)
+        inverse[torch.cat(order)] = torch.arange(m)
+        return Ranked(**{name: torch.cat(v)[inverse] if v else None for name, v in parts.items()})
+
+    def self_score(self) -> torch.Tensor:
+        """τ(x_i)_i [n_train]: α_{i,y_i} ‖f_i‖², averaged over checkpoints."""
+        self._checked()
+        total = 0
+        for fit in self._fits:
+            classes = self._classes(fit["labels"])
+            alpha = fit["alpha"].gather(1, classes.unsqueeze(1)).squeeze(1) * self._sign(fit["labels"])
+            total = total + alpha * (fit["features"] ** 2).sum(1)
+        return (total / len(self._fits)).float()
+
+    def decompose(self, m: int, features: torch.Tensor) -> torch.Tensor:
+        """Σ_i α_i (f_iᵀ f) [b, C] for last-layer inputs `features` [b, d'] (1 appended when the layer has a bias),
+        under checkpoint m: the fine-tuned layer's output, exactly, at a stationary point."""
+        fit = self._fits[m]
+        return (features.double() @ fit["features"].T) @ fit["alpha"]
+
+    def _features(self, task, batch):
+        """{"features": the last layer's inputs [b, d'] float64, "labels": [b]} of a batch under the loaded weights."""
+        captured = []
+        layer = self.runner.model.get_submodule(self.last_layer)
+        handle = layer.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+        try:
+            args, kwargs = model_args(task.inputs, batch)
+            with torch.no_grad():
+                self.runner.model(*args, **kwargs)
+        finally:
+            handle.remove()
+        if len(captured) != 1 or captured[0].dim() != 2:
+            raise ValueError(f"last_layer: expected one call per forward with inputs [b, d], got "
+                             f"{[list(t.shape) for t in captured]}")
+        features = captured[0].double()
+        if layer.bias is not None:
+            features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
+        return {"features": features, "labels": _labels(task, batch)}
+
+    def _fit(self, features, labels, start):
+        """Θ* by L-BFGS in float64 from the checkpoint's Θ, and α = −∂L/∂Φ / (2λn) there."""
+        n = features.shape[0]
+        theta = start.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([theta], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
+                                      tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
+
+        def objective():
+            optimizer.zero_grad()
+            value = self._losses(features @ theta.T, labels).mean() + self.l2 * (theta ** 2).sum()
+            value.backward()
+            return value
+
+        optimizer.step(objective)
+        objective()
+        residual = float(theta.grad.abs().max())
+        if residual > 1e3 * self.tol:
+            warnings.warn(f"max_iter: the last-layer fine-tuning stopped at gradient max-norm {residual:.3g} (tol "
+                          f"{self.tol:g}); the representer decomposition is approximate", UserWarning, stacklevel=3)
+        logits = (features @ theta.detach().T).requires_grad_(True)
+        self._losses(logits, labels).sum().backward()
+        alpha = -logits.grad / (2 * self.l2 * n)
+        return {"features": features, "labels": labels, "alpha": alpha, "theta": theta.detach()}
+
+    def _losses(self, logits, labels):
+        """Per-example training loss of the last layer's outputs [n, C]."""
+        if self.binary:
+            return BinaryClassification.loss(self.runner.task, logits.squeeze(1), (None, labels))
+        return MultiClassClassification.loss(self.runner.task, logits, (None, labels))
+
+    def _dense(self, fit, target):
+        kernel = target["features"] @ fit["features"].T  # [m, n]
+        classes = self._classes(target["labels"])
+        alpha = fit["alpha"][:, classes].T  # [m, n]: each target's class
+        return (alpha * kernel * self._sign(target["labels"]).unsqueeze(1)).float()
+
+    def _classes(self, labels):
+        return torch.zeros_like(labels, dtype=torch.long) if self.binary else labels.long()
+
+    def _sign(self, labels):
+        """±1 per target: binary models' one logit counts for class 1 and against class 0."""
+        return (2.0 * labels.double() - 1.0) if self.binary else torch.ones(labels.shape[0], dtype=torch.float64)
+
+    def _checked(self):
+        if not self._fits:
+            raise ValueError("featurize: call featurize(train_loader, checkpoints) before scoring")
+
+
+def _labels(task, batch):
+    """Labels [b] of a classification batch: (inputs, labels) tuples, or TextClassification's layouts."""
+    split = getattr(task, "_split", None)
+    return split(batch)[1] if split is not None else batch[1]

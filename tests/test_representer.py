@@ -1,0 +1,85 @@
+"""Representer points: the decomposition reproduces the fine-tuned last layer exactly, scores follow it."""
+
+import pytest
+import torch
+from torch import nn
+
+from attrprims.methods import RepresenterPoints
+from attrprims.tasks import BinaryClassification, LanguageModeling, MultiClassClassification
+
+TASK = MultiClassClassification()
+
+
+def setting(models=2, n=48, m=6, classes=3, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n + m, 5, generator=g), torch.randint(0, classes, (n + m,), generator=g)
+    nets = []
+    for s in range(models):
+        torch.manual_seed(s)
+        nets.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, classes, bias=bias)))
+    train = [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
+    return nets, train, [(x[n:], y[n:])]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decomposition_reproduces_the_fine_tuned_layer(bias):
+    nets, train, test = setting(bias=bias)
+    rps = RepresenterPoints(nets[0], TASK, l2=1e-2, progress=False).featurize(train, [n.state_dict() for n in nets])
+    for m, fit in enumerate(rps._fits):
+        features = torch.cat([torch.tanh(nets[m][0](b[0]).double()) for b in test]).detach()
+        if bias:
+            features = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(rps.decompose(m, features), features @ fit["theta"].T, rtol=1e-5, atol=1e-6)
+        # Θ* is a stationary point of the regularised objective.
+        theta = fit["theta"].clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(fit["features"] @ theta.T, fit["labels"]) + 1e-2 * (theta ** 2).sum()
+        loss.backward()
+        assert float(theta.grad.abs().max()) < 1e-7
+
+
+def test_scores_are_each_targets_class_term_averaged_over_checkpoints():
+    nets, train, test = setting()
+    rps = RepresenterPoints(nets[0], TASK, l2=1e-2, progress=False).featurize(train, [n.state_dict() for n in nets])
+    scores = rps.score(test)
+    assert scores.shape == (6, 48)
+    y = test[0][1]
+    expected = 0
+    for m, fit in enumerate(rps._fits):
+        f = torch.cat([torch.tanh(nets[m][0](test[0][0]).double()), torch.ones(6, 1, dtype=torch.float64)], 1).detach()
+        expected = expected + (f @ fit["features"].T) * fit["alpha"][:, y].T / 2
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+    # Summed over the training set, a target's scores are its fine-tuned logit of its own class (mean over models).
+    logits = sum((torch.cat([torch.tanh(nets[m][0](test[0][0]).double()), torch.ones(6, 1, dtype=torch.float64)],
+                            1).detach() @ fit["theta"].T) for m, fit in enumerate(rps._fits)) / 2
+    torch.testing.assert_close(scores.double().sum(1), logits.gather(1, y.unsqueeze(1)).squeeze(1), rtol=1e-5,
+                               atol=1e-5)
+    ranked = rps.score(test, topk=4, bottomk=3)
+    assert torch.equal(ranked.top_indices, scores.topk(4).indices)
+    assert torch.equal(ranked.bottom_indices, (-scores).topk(3).indices)
+    self_scores = rps.self_score()
+    assert self_scores.shape == (48,) and torch.isfinite(self_scores).all()
+
+
+def test_binary_one_logit():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=g), torch.randint(0, 2, (40,), generator=g).float()
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    rps = RepresenterPoints(net, BinaryClassification(), l2=1e-2, progress=False)
+    train = [(x[:32], y[:32])]
+    scores = rps.featurize(train, [net.state_dict()]).score([(x[32:], y[32:])])
+    fit = rps._fits[0]
+    f = torch.cat([torch.relu(net[0](x[32:])).double(), torch.ones(8, 1, dtype=torch.float64)], 1).detach()
+    logit = (f @ fit["theta"].T).squeeze(1)
+    torch.testing.assert_close(scores.double().sum(1), (2 * y[32:].double() - 1) * logit, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    nets, train, test = setting(models=1)
+    with pytest.raises(TypeError, match="task"):
+        RepresenterPoints(nets[0], LanguageModeling())
+    with pytest.raises(ValueError, match="l2"):
+        RepresenterPoints(nets[0], TASK, l2=0)
+    with pytest.raises(ValueError, match="last_layer"):
+        RepresenterPoints(nets[0], TASK, last_layer="1")
+    with pytest.raises(ValueError, match="featurize"):
+        RepresenterPoints(nets[0], TASK, progress=False).score(test)
