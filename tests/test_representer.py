@@ -23,8 +23,11 @@ def setting(models=2, n=48, m=6, classes=3, bias=True, seed=0):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_decomposition_reproduces_the_fine_tuned_layer(bias):
+    """Fitting the checkpoint's own probabilities (the default): the fit's targets are softmax of its logits."""
     nets, train, test = setting(bias=bias)
     rps = RepresenterPoints(nets[0], TASK, l2=1e-2, progress=False).featurize(train, [n.state_dict() for n in nets])
+    x = torch.cat([b[0] for b in train])
+    torch.testing.assert_close(rps._fits[0]["targets"], torch.softmax(nets[0](x).double(), 1).detach())
     for m, fit in enumerate(rps._fits):
         features = torch.cat([torch.tanh(nets[m][0](b[0]).double()) for b in test]).detach()
         if bias:
@@ -32,7 +35,8 @@ def test_decomposition_reproduces_the_fine_tuned_layer(bias):
         torch.testing.assert_close(rps.decompose(m, features), features @ fit["theta"].T, rtol=1e-5, atol=1e-6)
         # Θ* is a stationary point of the regularised objective.
         theta = fit["theta"].clone().requires_grad_(True)
-        loss = nn.functional.cross_entropy(fit["features"] @ theta.T, fit["labels"]) + 1e-2 * (theta ** 2).sum()
+        soft = -(fit["targets"] * torch.log_softmax(fit["features"] @ theta.T, dim=1)).sum(1).mean()
+        loss = soft + 1e-2 * (theta ** 2).sum()
         loss.backward()
         assert float(theta.grad.abs().max()) < 1e-7
 
@@ -60,6 +64,18 @@ def test_scores_are_each_targets_class_term_averaged_over_checkpoints():
     assert self_scores.shape == (48,) and torch.isfinite(self_scores).all()
 
 
+def test_fitting_the_labels_is_stationary_for_cross_entropy():
+    nets, train, test = setting(models=1)
+    rps = RepresenterPoints(nets[0], TASK, l2=1e-2, targets="labels", progress=False)
+    fit = rps.featurize(train, [nets[0].state_dict()])._fits[0]
+    theta = fit["theta"].clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(fit["features"] @ theta.T, fit["labels"]) + 1e-2 * (theta ** 2).sum()
+    loss.backward()
+    assert float(theta.grad.abs().max()) < 1e-7
+    torch.testing.assert_close(rps.decompose(0, fit["features"][:5]), fit["features"][:5] @ fit["theta"].T,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_binary_one_logit():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 3, generator=g), torch.randint(0, 2, (40,), generator=g).float()
@@ -79,6 +95,8 @@ def test_bad_arguments_are_named():
         RepresenterPoints(nets[0], LanguageModeling())
     with pytest.raises(ValueError, match="l2"):
         RepresenterPoints(nets[0], TASK, l2=0)
+    with pytest.raises(ValueError, match="targets"):
+        RepresenterPoints(nets[0], TASK, targets="soft")
     with pytest.raises(ValueError, match="last_layer"):
         RepresenterPoints(nets[0], TASK, last_layer="1")
     with pytest.raises(ValueError, match="featurize"):

@@ -3,12 +3,15 @@
 Let f_i be the input of the model's last nn.Linear for training example i, extended by a constant 1 when the layer
 has a bias, and Θ = [W b] that layer's weights. Fine-tuned alone to a stationary point of
 
-    (1/n) Σ_i L(Θ f_i, y_i) + λ‖Θ‖²        (the bias is regularised with W, as a weight on the constant feature),
+    (1/n) Σ_i L(Θ f_i, t_i) + λ‖Θ‖²        (the bias is regularised with W, as a weight on the constant feature),
 
-Θ* = Σ_i α_i f_iᵀ with representer values α_i = −∂L(Θ* f_i, y_i)/∂Φ / (2λn) ∈ R^C, so the fine-tuned layer's
+Θ* = Σ_i α_i f_iᵀ with representer values α_i = −∂L(Θ* f_i, t_i)/∂Φ / (2λn) ∈ R^C, so the fine-tuned layer's
 pre-activation output on any z is exactly Φ(z) = Θ* f_z = Σ_i α_i (f_iᵀ f_z). The score of training example i for
 target z is its term for the target's class c (its label): α_{i,c} · f_iᵀ f_z, positive when x_i raises z's logit
 of its own class (for one-logit binary models, the logit times ±1 for labels 1/0). Scores average over checkpoints.
+The fine-tuning targets t_i are, by default, the checkpoint's own predicted probabilities (cross-entropy against
+soft labels), as in Yeh et al.'s implementation and dattri's, so that the fine-tuned layer stays the model's;
+targets="labels" uses the training labels instead.
 """
 
 from __future__ import annotations
@@ -32,18 +35,21 @@ class RepresenterPoints:
         model: nn.Module whose output is the output of its last nn.Linear (the logits).
         task: MultiClassClassification (or TextClassification) or BinaryClassification: integer labels.
         last_layer: the name of that nn.Linear in model.named_modules() (default: the last nn.Linear found).
-        l2: λ > 0. max_iter: L-BFGS iterations of the fine-tuning; tol: its gradient-norm target (a warning says
-            when it is not reached: the decomposition is then only approximate).
+        l2: λ > 0. targets: "predicted" (the checkpoint's probabilities) or "labels": what the fine-tuning fits.
+        max_iter: L-BFGS iterations of the fine-tuning; tol: its gradient-norm target (a warning says when it is
+            not reached: the decomposition is then only approximate).
         device: where the model runs (default: the model's). progress: tqdm bars when stderr is a terminal.
     """
 
-    def __init__(self, model, task: Task, *, last_layer=None, l2=1e-3, max_iter=1000, tol=1e-9, device=None,
-                 progress=True):
+    def __init__(self, model, task: Task, *, last_layer=None, l2=1e-3, targets="predicted", max_iter=1000, tol=1e-9,
+                 device=None, progress=True):
         if not isinstance(task, (MultiClassClassification, BinaryClassification)):
             raise TypeError(f"task: expected a classification task with integer labels (MultiClassClassification, "
                             f"TextClassification, BinaryClassification), got {type(task).__name__}")
         if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
             raise ValueError(f"l2: expected a positive number, got {l2!r}")
+        if targets not in ("predicted", "labels"):
+            raise ValueError(f"targets: expected 'predicted' or 'labels', got {targets!r}")
         modules = dict(model.named_modules())
         if last_layer is None:
             linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
@@ -53,7 +59,7 @@ class RepresenterPoints:
         if not isinstance(modules.get(last_layer), nn.Linear):
             raise ValueError(f"last_layer: expected the name of an nn.Linear of model, got {last_layer!r}")
         self.runner = CheckpointRunner(model, task, device, progress)
-        self.last_layer, self.l2, self.max_iter, self.tol = last_layer, float(l2), max_iter, tol
+        self.last_layer, self.l2, self.targets, self.max_iter, self.tol = last_layer, float(l2), targets, max_iter, tol
         self.binary = isinstance(task, BinaryClassification)
         self._fits: list[dict] = []  # per checkpoint: features [n, d'], labels [n], alpha [n, C], theta [C, d']
 
@@ -69,7 +75,8 @@ class RepresenterPoints:
             start = layer.weight.detach().double()
             if layer.bias is not None:
                 start = torch.cat([start, layer.bias.detach().double().unsqueeze(1)], dim=1)
-            self._fits.append(self._fit(column["features"], column["labels"], start.cpu()))
+            targets = column["predicted"] if self.targets == "predicted" else column["labels"]
+            self._fits.append(self._fit(column["features"], column["labels"], targets, start.cpu()))
         return self
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
@@ -115,10 +122,16 @@ class RepresenterPoints:
         return (features.double() @ fit["features"].T) @ fit["alpha"]
 
     def _features(self, task, batch):
-        """{"features": the last layer's inputs [b, d'] float64, "labels": [b]} of a batch under the loaded weights."""
-        captured = []
+        """{"features": the last layer's inputs [b, d'] float64, "labels": [b], "predicted": the model's probabilities
+        [b, C] float64} of a batch under the loaded weights."""
+        captured, outputs = [], []
+
+        def keep(module, args, output):
+            captured.append(args[0].detach())
+            outputs.append(output.detach())
+
         layer = self.runner.model.get_submodule(self.last_layer)
-        handle = layer.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+        handle = layer.register_forward_hook(keep)
         try:
             args, kwargs = model_args(task.inputs, batch)
             with torch.no_grad():
@@ -131,9 +144,11 @@ class RepresenterPoints:
         features = captured[0].double()
         if layer.bias is not None:
             features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
-        return {"features": features, "labels": _labels(task, batch)}
+        logits = outputs[0].double()
+        predicted = torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
+        return {"features": features, "labels": _labels(task, batch), "predicted": predicted}
 
-    def _fit(self, features, labels, start):
+    def _fit(self, features, labels, targets, start):
         """Θ* by L-BFGS in float64 from the checkpoint's Θ, and α = −∂L/∂Φ / (2λn) there."""
         n = features.shape[0]
         theta = start.clone().requires_grad_(True)
@@ -142,7 +157,7 @@ class RepresenterPoints:
 
         def objective():
             optimizer.zero_grad()
-            value = self._losses(features @ theta.T, labels).mean() + self.l2 * (theta ** 2).sum()
+            value = self._losses(features @ theta.T, targets).mean() + self.l2 * (theta ** 2).sum()
             value.backward()
             return value
 
@@ -153,15 +168,19 @@ class RepresenterPoints:
             warnings.warn(f"max_iter: the last-layer fine-tuning stopped at gradient max-norm {residual:.3g} (tol "
                           f"{self.tol:g}); the representer decomposition is approximate", UserWarning, stacklevel=3)
         logits = (features @ theta.detach().T).requires_grad_(True)
-        self._losses(logits, labels).sum().backward()
+        self._losses(logits, targets).sum().backward()
         alpha = -logits.grad / (2 * self.l2 * n)
-        return {"features": features, "labels": labels, "alpha": alpha, "theta": theta.detach()}
+        return {"features": features, "labels": labels, "targets": targets, "alpha": alpha, "theta": theta.detach()}
 
-    def _losses(self, logits, labels):
-        """Per-example training loss of the last layer's outputs [n, C]."""
+    def _losses(self, logits, targets):
+        """Per-example loss [n] of the last layer's outputs [n, C] against labels [n] or probabilities [n, C]."""
+        if self.targets == "predicted":  # cross-entropy against soft labels
+            if self.binary:
+                return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").squeeze(1)
+            return -(targets * torch.log_softmax(logits, dim=1)).sum(1)
         if self.binary:
-            return BinaryClassification.loss(self.runner.task, logits.squeeze(1), (None, labels))
-        return MultiClassClassification.loss(self.runner.task, logits, (None, labels))
+            return BinaryClassification.loss(self.runner.task, logits.squeeze(1), (None, targets))
+        return MultiClassClassification.loss(self.runner.task, logits, (None, targets))
 
     def _dense(self, fit, target):
         kernel = target["features"] @ fit["features"].T  # [m, n]
