@@ -89,6 +89,24 @@ def test_binary_one_logit():
     torch.testing.assert_close(scores.double().sum(1), (2 * y[32:].double() - 1) * logit, rtol=1e-5, atol=1e-5)
 
 
+def test_unlabelled_targets_use_the_checkpoints_predicted_class():
+    nets, train, test = setting()
+    rps = RepresenterPoints(nets[0], TASK, l2=1e-2, progress=False).featurize(train, [n.state_dict() for n in nets])
+    x = test[0][0]
+    predicted = (sum(torch.softmax(n(x).double(), 1) for n in nets) / 2).argmax(1).detach()
+    unlabelled = rps.score([x])
+    torch.testing.assert_close(unlabelled, rps.score([(x, predicted)]))
+    torch.testing.assert_close(rps.score([(x,)], topk=3).top_values, unlabelled.topk(3).values)
+    with pytest.raises(ValueError, match="train_loader"):
+        rps.featurize([b[0] for b in train], [nets[0].state_dict()])
+
+
+def test_a_fine_tuning_stopped_early_warns():
+    nets, train, test = setting(models=1)
+    with pytest.warns(UserWarning, match="max_iter"):
+        RepresenterPoints(nets[0], TASK, l2=1e-2, max_iter=1, progress=False).featurize(train, [nets[0].state_dict()])
+
+
 def test_bad_arguments_are_named():
     nets, train, test = setting(models=1)
     with pytest.raises(TypeError, match="task"):
@@ -99,5 +117,9 @@ def test_bad_arguments_are_named():
         RepresenterPoints(nets[0], TASK, targets="soft")
     with pytest.raises(ValueError, match="last_layer"):
         RepresenterPoints(nets[0], TASK, last_layer="1")
+    with pytest.raises(ValueError, match="max_iter"):
+        RepresenterPoints(nets[0], TASK, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        RepresenterPoints(nets[0], TASK, tol=-1.0)
     with pytest.raises(ValueError, match="featurize"):
         RepresenterPoints(nets[0], TASK, progress=False).score(test)

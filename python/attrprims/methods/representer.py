@@ -7,8 +7,11 @@ has a bias, and Θ = [W b] that layer's weights. Fine-tuned alone to a stationar
 
 Θ* = Σ_i α_i f_iᵀ with representer values α_i = −∂L(Θ* f_i, t_i)/∂Φ / (2λn) ∈ R^C, so the fine-tuned layer's
 pre-activation output on any z is exactly Φ(z) = Θ* f_z = Σ_i α_i (f_iᵀ f_z). The score of training example i for
-target z is its term for the target's class c (its label): α_{i,c} · f_iᵀ f_z, positive when x_i raises z's logit
-of its own class (for one-logit binary models, the logit times ±1 for labels 1/0). Scores average over checkpoints.
+target z is its term for the target's class c: α_{i,c} · f_iᵀ f_z, positive when x_i raises z's logit of class c
+(for one-logit binary models, the logit times ±1 for c = 1/0). c is z's label when its batch has one (which training
+examples push z toward its true class, Yeh et al.'s explanation), else the class the checkpoints predict, the argmax
+of their mean probabilities (an unlabelled target is explained for the prediction it gets). Scores average over
+checkpoints.
 The fine-tuning targets t_i are, by default, the checkpoint's own predicted probabilities (cross-entropy against
 soft labels), as in Yeh et al.'s implementation and dattri's, so that the fine-tuned layer stays the model's;
 targets="labels" uses the training labels instead.
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from .._batches import model_args
+from .._checks import check_int
 from ..scoring import Ranked, score
 from ..tasks import BinaryClassification, MultiClassClassification, Task
 from ._checkpoints import CheckpointRunner
@@ -50,6 +54,9 @@ class RepresenterPoints:
             raise ValueError(f"l2: expected a positive number, got {l2!r}")
         if targets not in ("predicted", "labels"):
             raise ValueError(f"targets: expected 'predicted' or 'labels', got {targets!r}")
+        max_iter = check_int("max_iter", max_iter, 1)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol: expected a number >= 0, got {tol!r}")
         modules = dict(model.named_modules())
         if last_layer is None:
             linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
@@ -68,6 +75,9 @@ class RepresenterPoints:
         self.runner.load(checkpoints, train_loader)
         columns = self.runner.collect(train_loader, self._features, desc="featurize", argument="train_loader",
                                       leave=True)
+        if not columns[0]["labelled"].all():
+            raise ValueError("train_loader: expected labelled batches ((inputs, labels), or TextClassification's "
+                             "layouts), got batches without labels")
         self._fits = []
         for m, column in enumerate(columns):
             layer = self.runner.model.get_submodule(self.last_layer)
@@ -80,20 +90,25 @@ class RepresenterPoints:
         return self
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
-        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target."""
+        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target.
+
+        Equivalent to mean over checkpoints of α[:, c_z] · (F_train f_z) (times ±1 for binary), c_z the label of
+        target z when its batch has one (batches (inputs, labels)), else the checkpoints' predicted class.
+        """
         self._checked()
         targets = self.runner.collect(test_loader, self._features, desc="targets", argument="test_loader")
+        classes = self._target_classes(targets)
         if topk is None and bottomk is None:
-            return sum(self._dense(fit, t) for fit, t in zip(self._fits, targets)) / len(self._fits)
+            return sum(self._dense(fit, t, classes) for fit, t in zip(self._fits, targets)) / len(self._fits)
         # Concatenating the checkpoints' features along d makes the mean one product per class of targets, whose
         # representer values are a weight per training example: the fused top-k of `score` applies.
-        labels = self._classes(targets[0]["labels"])
-        m = labels.shape[0]
+        columns = self._columns(classes)
+        m = columns.shape[0]
         parts = {"top_values": [], "top_indices": [], "bottom_values": [], "bottom_indices": []}
         order = []
-        for c in labels.unique().tolist():
-            rows = (labels == c).nonzero().flatten()
-            a = torch.cat([t["features"][rows] * self._sign(t["labels"][rows]).unsqueeze(1) for t in targets], 1)
+        for c in columns.unique().tolist():
+            rows = (columns == c).nonzero().flatten()
+            a = torch.cat([t["features"][rows] * self._sign(classes[rows]).unsqueeze(1) for t in targets], 1)
             weights = [fit["alpha"][:, c] / len(self._fits) for fit in self._fits]
             b = torch.cat([fit["features"] * w.unsqueeze(1) for fit, w in zip(self._fits, weights)], 1)
             ranked = score(a.float(), None, b.float(), topk=topk, bottomk=bottomk)
@@ -110,8 +125,8 @@ class RepresenterPoints:
         self._checked()
         total = 0
         for fit in self._fits:
-            classes = self._classes(fit["labels"])
-            alpha = fit["alpha"].gather(1, classes.unsqueeze(1)).squeeze(1) * self._sign(fit["labels"])
+            columns = self._columns(fit["labels"])
+            alpha = fit["alpha"].gather(1, columns.unsqueeze(1)).squeeze(1) * self._sign(fit["labels"])
             total = total + alpha * (fit["features"] ** 2).sum(1)
         return (total / len(self._fits)).float()
 
@@ -122,8 +137,8 @@ class RepresenterPoints:
         return (features.double() @ fit["features"].T) @ fit["alpha"]
 
     def _features(self, task, batch):
-        """{"features": the last layer's inputs [b, d'] float64, "labels": [b], "predicted": the model's probabilities
-        [b, C] float64} of a batch under the loaded weights."""
+        """{"features": the last layer's inputs [b, d'] float64, "labels": [b] int64 (0 when unlabelled), "labelled":
+        [b] bool, "predicted": the model's probabilities [b, C] float64} of a batch under the loaded weights."""
         captured, outputs = [], []
 
         def keep(module, args, output):
@@ -146,7 +161,10 @@ class RepresenterPoints:
             features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
         logits = outputs[0].double()
         predicted = torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
-        return {"features": features, "labels": _labels(task, batch), "predicted": predicted}
+        labels = _labels(task, batch)
+        labelled = torch.full((features.shape[0],), labels is not None)
+        labels = labels.long() if labels is not None else torch.zeros(features.shape[0], dtype=torch.long)
+        return {"features": features, "labels": labels, "labelled": labelled, "predicted": predicted}
 
     def _fit(self, features, labels, targets, start):
         """Θ* by L-BFGS in float64 from the checkpoint's Θ, and α = −∂L/∂Φ / (2λn) there."""
@@ -182,18 +200,24 @@ class RepresenterPoints:
             return BinaryClassification.loss(self.runner.task, logits.squeeze(1), (None, targets))
         return MultiClassClassification.loss(self.runner.task, logits, (None, targets))
 
-    def _dense(self, fit, target):
+    def _dense(self, fit, target, classes):
         kernel = target["features"] @ fit["features"].T  # [m, n]
-        classes = self._classes(target["labels"])
-        alpha = fit["alpha"][:, classes].T  # [m, n]: each target's class
-        return (alpha * kernel * self._sign(target["labels"]).unsqueeze(1)).float()
+        alpha = fit["alpha"][:, self._columns(classes)].T  # [m, n]: each target's class
+        return (alpha * kernel * self._sign(classes).unsqueeze(1)).float()
 
-    def _classes(self, labels):
-        return torch.zeros_like(labels, dtype=torch.long) if self.binary else labels.long()
+    def _target_classes(self, targets):
+        """c [m]: each target's label, or for unlabelled ones the argmax of the checkpoints' mean probabilities."""
+        mean = sum(t["predicted"] for t in targets) / len(targets)
+        predicted = (mean[:, 0] > 0.5).long() if self.binary else mean.argmax(1)
+        return torch.where(targets[0]["labelled"], targets[0]["labels"], predicted)
 
-    def _sign(self, labels):
-        """±1 per target: binary models' one logit counts for class 1 and against class 0."""
-        return (2.0 * labels.double() - 1.0) if self.binary else torch.ones(labels.shape[0], dtype=torch.float64)
+    def _columns(self, classes):
+        """The logit (column of α) of each class: binary models have one, for class 1."""
+        return torch.zeros_like(classes) if self.binary else classes
+
+    def _sign(self, classes):
+        """±1 per class: binary models' one logit counts for class 1 and against class 0."""
+        return (2.0 * classes.double() - 1.0) if self.binary else torch.ones(classes.shape[0], dtype=torch.float64)
 
     def _checked(self):
         if not self._fits:
@@ -201,6 +225,9 @@ class RepresenterPoints:
 
 
 def _labels(task, batch):
-    """Labels [b] of a classification batch: (inputs, labels) tuples, or TextClassification's layouts."""
+    """Labels [b] of a classification batch ((inputs, labels) tuples, or TextClassification's layouts), or None for
+    unlabelled ones (an inputs tensor, or a 1-tuple)."""
     split = getattr(task, "_split", None)
-    return split(batch)[1] if split is not None else batch[1]
+    if split is not None:
+        return split(batch)[1]
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
