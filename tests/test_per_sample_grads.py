@@ -75,6 +75,50 @@ def test_factored_projection_equals_kronecker_matrix(name, kind):
         assert_projected_close(project_grads(model, out, batch, projector, path=path), ref, matrix)
 
 
+def group_sums(ref, ids, count):
+    """Reference group rows: the per-example gradients [n, p] summed by id."""
+    return torch.zeros(count, ref.shape[1], dtype=ref.dtype).index_add_(0, ids, ref)
+
+
+GROUPINGS = [([0, 0, 0, 0, 0], 1), ([0, 1, 2, 3, 4], 5), ([2, 0, 2, 1, 0], 3), ([1, 1, 3, 1, 0], 4)]  # 4: 2 unused
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", SETTINGS)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_group_rows_are_sums_of_member_gradients(name, path, grouping):
+    ids, count = torch.tensor(grouping[0]), grouping[1]
+    model, out, batch, layout, ref = expected(name, 5)
+    want = group_sums(ref, ids, count)
+    flat = per_sample_grads(model, out, batch, path=path, flat=True, groups=ids)
+    torch.testing.assert_close(flat, want, rtol=1e-9, atol=1e-11)
+    grads = per_sample_grads(model, out, batch, path=path, groups=ids)
+    assert all(g.shape == (count, *shape) for g, shape in zip(grads.values(), layout.shapes))
+    dense = Projector(layout.p, 19, seed=2)
+    assert_projected_close(project_grads(model, out, batch, dense, path=path, groups=ids), want,
+                           dense.matrix().double())
+    factored = FactoredProjector(layout.p, 4, 3, seed=7)
+    assert_projected_close(project_grads(model, out, batch, factored, path=path, groups=ids), want,
+                           reference.factored_matrix(factored, factored_blocks(model, layout)))
+
+
+@given(ids=st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=9))
+def test_groups_of_any_layout_on_a_conv_net(ids):
+    model, out, batch, layout, ref = expected("cnn", len(ids))
+    ids = torch.tensor(ids)
+    flat = per_sample_grads(model, out, batch, path="layer", flat=True, groups=ids)
+    torch.testing.assert_close(flat, group_sums(ref, ids, int(ids.max()) + 1), rtol=1e-9, atol=1e-11)
+
+
+def test_bad_groups_are_named():
+    model, out, batch, _ = models.setting("mlp", 3)
+    for bad, match in [(torch.tensor([0, 1]), r"groups: expected shape \[3\]"),
+                       (torch.tensor([0.0, 1.0, 0.0]), "groups: expected integer"),
+                       (torch.tensor([0, -1, 0]), "groups: expected ids >= 0"), ("abc", "groups")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            per_sample_grads(model, out, batch, groups=bad)
+
+
 @given(chunk=st.integers(min_value=1, max_value=400), seed=st.integers(min_value=0, max_value=2**64 - 1))
 def test_chunking_does_not_change_the_projection(chunk, seed):
     model, out, batch, _ = models.setting("mlp", 2)
@@ -208,9 +252,15 @@ def test_every_path_and_projector_on_each_device(device, name):
     factored = FactoredProjector(layout.p, 4, 6, seed=3)
     matrices = {dense: dense.matrix().double(),
                 factored: reference.factored_matrix(factored, factored_blocks(model, layout))}
+    ids = torch.tensor([1, 0, 1], device=device)
+    grouped = group_sums(ref, ids.cpu(), 2)
     for path in PATHS:
         torch.testing.assert_close(per_sample_grads(model, out, batch, path=path, flat=True).cpu(), ref)
+        torch.testing.assert_close(per_sample_grads(model, out, batch, path=path, flat=True, groups=ids).cpu(),
+                                   grouped)
         for projector, matrix in matrices.items():
             projected = project_grads(model, out, batch, projector, path=path)
             assert projected.device.type == device.type
             assert_projected_close(projected.cpu(), ref, matrix)
+            assert_projected_close(project_grads(model, out, batch, projector, path=path, groups=ids).cpu(),
+                                   grouped, matrix)

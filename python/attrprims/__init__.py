@@ -20,7 +20,7 @@ from .scoring import Ranked, score
 from .store import FeatureStore
 from .tasks import (BinaryClassification, ContrastiveImageText, LanguageModeling, MultiClassClassification, Task,
                     TextClassification)
-from . import methods, metrics
+from . import groups, methods, metrics
 from .methods import TRAK, GradCos, GradDot, InfluenceFunction, RepresenterPoints, TracInCP
 
 __version__ = _core_info["version"]
@@ -29,5 +29,5 @@ __all__ = ["BinaryClassification", "ContrastiveImageText", "CudaStatus", "Ensemb
            "FeatureStore", "GradCos", "GradDot", "GramAccumulator", "HessianOperator", "IHVPResult", "IHVPSolver",
            "InfluenceFunction", "LanguageModeling", "MultiClassClassification", "ParamLayout", "Projector", "Ranked", "RepresenterPoints",
            "SOLVERS", "TRAK", "Task", "TextClassification", "TracInCP", "__version__", "build_info", "cuda_available",
-           "ensemble", "ggn_vp", "hvp", "ihvp_solver", "methods", "metrics", "param_layout", "per_sample_grads",
+           "ensemble", "ggn_vp", "groups", "hvp", "ihvp_solver", "methods", "metrics", "param_layout", "per_sample_grads",
            "project", "project_factored", "project_grads", "project_transpose", "score"]

@@ -5,6 +5,9 @@ per-example gradient is a small function of the two (a Linear weight's is Σ_t �
 tokens t of an example). Each rule returns that gradient as pieces (local parameter name, element
 offset inside the flattened parameter, [n, c] values), so an Embedding can hand over only the rows
 its examples used, and, for weight matrices, its factored projection Σ_t (δ_t P_out)ᵀ(a_t P_in).
+Given `rows` (a GroupRows), pieces hold one row per group, the sum of its members' gradients: Linear and
+Conv2d weights lay a group's tokens end to end before the product, so no per-example weight gradient
+is formed; the other (small) pieces are summed per group.
 
 A layer is supported only when its class keeps the stock forward (a subclass that overrides forward,
 as LoRA layers do, is not) and its direct parameters are the stock weight/bias.
@@ -25,16 +28,23 @@ def _tokens(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return t.reshape(n, -1, width)
 
 
+def _per_row(values: torch.Tensor, rows) -> torch.Tensor:
+    """Per-example values [n, ...], or their per-group sums when `rows` (a GroupRows) is given."""
+    return values if rows is None else rows.sum(values)
+
+
 class _LinearRule:
     factored = True
 
     @staticmethod
-    def pieces(m: nn.Linear, a, delta, n, wanted):
+    def pieces(m: nn.Linear, a, delta, n, wanted, rows=None):
         d = _tokens(delta, n, m.out_features)
         if "weight" in wanted:
-            yield "weight", 0, torch.bmm(d.transpose(1, 2), _tokens(a, n, m.in_features)).reshape(n, -1)
+            x = _tokens(a, n, m.in_features)
+            dw, x = (d, x) if rows is None else (rows.concat(d, 1), rows.concat(x, 1))
+            yield "weight", 0, torch.bmm(dw.transpose(1, 2), x).reshape(x.shape[0], -1)
         if "bias" in wanted:
-            yield "bias", 0, d.sum(1)
+            yield "bias", 0, _per_row(d.sum(1), rows)
 
     @staticmethod
     def project_weight(m: nn.Linear, a, delta, n, p_out, p_in):
@@ -56,13 +66,14 @@ class _Conv2dRule:
         return u.reshape(n, g, u.shape[1] // g, u.shape[2])
 
     @staticmethod
-    def pieces(m: nn.Conv2d, a, delta, n, wanted):
+    def pieces(m: nn.Conv2d, a, delta, n, wanted, rows=None):
         d = delta.reshape(n, m.groups, m.out_channels // m.groups, -1)
         if "weight" in wanted:
             u = _Conv2dRule._unfold(m, a, n)
-            yield "weight", 0, torch.einsum("ngol,ngil->ngoi", d, u).reshape(n, -1)
+            dw, u = (d, u) if rows is None else (rows.concat(d, 3), rows.concat(u, 3))
+            yield "weight", 0, torch.einsum("ngol,ngil->ngoi", dw, u).reshape(u.shape[0], -1)
         if "bias" in wanted:
-            yield "bias", 0, d.sum(3).reshape(n, -1)
+            yield "bias", 0, _per_row(d.sum(3).reshape(n, -1), rows)
 
     @staticmethod
     def project_weight(m: nn.Conv2d, a, delta, n, p_out, p_in):
@@ -90,20 +101,21 @@ class _EmbeddingRule:
         return ids, d
 
     @staticmethod
-    def pieces(m: nn.Embedding, ids, delta, n, wanted):
+    def pieces(m: nn.Embedding, ids, delta, n, wanted, rows=None):
         ids, d = _EmbeddingRule._masked(m, ids, delta, n)
         if "weight" not in wanted or ids.numel() == 0:
             return
-        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        used, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         width = m.embedding_dim
-        grads = d.new_zeros(n, rows.numel(), width)
+        grads = d.new_zeros(n, used.numel(), width)
         grads.scatter_add_(1, inverse.unsqueeze(-1).expand(-1, -1, width), d)
+        grads = _per_row(grads, rows)
         # Consecutive ids are contiguous rows of the weight: one piece per run.
-        rows = rows.tolist()
+        used = used.tolist()
         start = 0
-        for j in range(1, len(rows) + 1):
-            if j == len(rows) or rows[j] != rows[j - 1] + 1:
-                yield "weight", rows[start] * width, grads[:, start:j].reshape(n, -1)
+        for j in range(1, len(used) + 1):
+            if j == len(used) or used[j] != used[j - 1] + 1:
+                yield "weight", used[start] * width, grads[:, start:j].reshape(grads.shape[0], -1)
                 start = j
 
     @staticmethod
@@ -124,13 +136,13 @@ class _NormRule:
     def __init__(self, normalize, trailing: bool):
         self.normalize, self.trailing = normalize, trailing
 
-    def pieces(self, m, a, delta, n, wanted):
+    def pieces(self, m, a, delta, n, wanted, rows=None):
         width = (m.weight if m.weight is not None else m.bias).numel()
         shape, axis = ((n, -1, width), 1) if self.trailing else ((n, width, -1), 2)
         if "weight" in wanted:
-            yield "weight", 0, (delta * self.normalize(m, a)).reshape(shape).sum(axis)
+            yield "weight", 0, _per_row((delta * self.normalize(m, a)).reshape(shape).sum(axis), rows)
         if "bias" in wanted:
-            yield "bias", 0, delta.reshape(shape).sum(axis)
+            yield "bias", 0, _per_row(delta.reshape(shape).sum(axis), rows)
 
 
 def _batch_norm_x_hat(m, a):

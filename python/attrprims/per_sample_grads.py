@@ -17,6 +17,10 @@ parameters is row i. Two paths compute it:
 Batches: a tensor (the model's input), a tuple/list (inputs first, e.g. (x, y)) or a mapping (keyword
 arguments); `inputs=` maps other layouts to the model's arguments. Every tensor in the batch holds one
 row per example.
+
+Groups (`groups=` ids [n]): one row per group, the sum of its members' gradients (GGDA). The layer path
+sums inside the products (a group's tokens end to end), the generic path sums per-example gradients;
+either way a projection then costs one row per group instead of one per example.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ._batches import batch_size, model_args, requiring_grad
 from ._checks import kernel_float
+from ._group_rows import GroupRows, group_ids
 from ._layer_rules import rule_for, uses_batch_statistics
 from .factored_projector import FactoredProjector
 from .param_layout import ParamLayout, param_layout
@@ -44,7 +49,7 @@ _CHUNK_BUDGET = 2**26
 
 
 def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path="generic", flat=False,
-                     fallback=True):
+                     fallback=True, groups=None):
     """Compute each example's gradient of `output_fn` with respect to the selected parameters.
 
     Equivalent to `[torch.autograd.grad(output_fn(model(x[i:i+1]), batch[i:i+1])[0], params) for i in range(n)]`.
@@ -58,38 +63,44 @@ def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path=
         flat: return one [n, p] tensor in `param_layout` order instead of a dict.
         fallback: on the layer path, send unsupported layers' parameters through the generic path (True) or
             raise naming them (False).
+        groups: optional integer ids [n] (0..G-1, G = max + 1; a group may be empty): rows become the G groups,
+            row j the sum of the gradients of the examples with id j.
     Returns: dict name -> [n, *param.shape] in layout order (views into one [n, p] buffer on the layer path),
-        or the [n, p] tensor; in the parameters' dtype, detached.
+        or the [n, p] tensor; in the parameters' dtype, detached. With groups, G rows instead of n.
     Raises: ValueError naming the argument (output_fn's shape, batch layout, params, path) and the examples
         whose gradients are not finite. Warns when BatchNorm uses batch statistics on the layer path.
     Determinism: the same inputs give the same result on a device; the two paths agree to float rounding.
     """
     layout, n = _prepare(model, output_fn, batch, params, path)
+    device = _device(model, layout)
+    rows = _group_rows(groups, n, device)
+    r = n if rows is None else rows.count
     if path == "generic":
-        grads = _vmap_grads(model, output_fn, batch, inputs, layout.names, n)
-        _check_finite_rows(n, grads.values())
+        grads = {name: _per_group(g, rows) for name, g in
+                 _vmap_grads(model, output_fn, batch, inputs, layout.names, n).items()}
+        _check_finite_rows(r, grads.values(), rows)
         if flat:
             return torch.cat([_rows(grads[name]) for name in layout.names], 1)
         return {name: grads[name] for name in layout.names}
     dtype = _common_dtype(model, layout)
-    buffer = torch.zeros((n, layout.p), dtype=dtype, device=_device(model, layout))
+    buffer = torch.zeros((r, layout.p), dtype=dtype, device=device)
 
     def add(name, lo, values):
         start = layout.offset(name) + lo
         buffer[:, start:start + values.shape[1]] += values
 
-    rest = _layer_pass(model, output_fn, batch, inputs, layout, n, add, None, fallback)
+    rest = _layer_pass(model, output_fn, batch, inputs, layout, n, add, None, fallback, rows)
     for name, g in _vmap_grads(model, output_fn, batch, inputs, rest, n).items():
-        add(name, 0, _rows(g))
-    _check_finite_rows(n, [buffer])
+        add(name, 0, _per_group(_rows(g), rows))
+    _check_finite_rows(r, [buffer], rows)
     if flat:
         return buffer
-    return {name: buffer[:, off:off + layout.numel(name)].view(n, *shape)
+    return {name: buffer[:, off:off + layout.numel(name)].view(r, *shape)
             for name, shape, off in zip(layout.names, layout.shapes, layout.offsets)}
 
 
 def project_grads(model, output_fn, batch, projector, *, params=None, inputs=None, path="generic", chunk=None,
-                  fallback=True):
+                  fallback=True, groups=None):
     """Project each example's gradient to k dimensions without holding all n × p of them.
 
     Equivalent to `projector(per_sample_grads(model, output_fn, batch, params=params, flat=True))` (for a
@@ -102,7 +113,9 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
         chunk: generic path only: most parameter elements whose per-example gradients are formed at once
             (default: about 2^26 / n); a chunk is a run of whole parameters in layout order, and each chunk
             costs one vmap(grad) pass.
-    Returns: [n, k] float32 on the parameters' device.
+        groups: as `per_sample_grads`: G rows, each group's summed gradient projected (the projection's work
+            scales with G, not n).
+    Returns: [n, k] (or [G, k]) float32 on the parameters' device.
     Raises: as `per_sample_grads`; ValueError naming `projector` if its p differs from the selection's.
     Determinism: chunks are summed in layout order, so equal inputs give equal results on a device; any
     chunking agrees with the unchunked projection to float32 rounding.
@@ -116,7 +129,9 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
     factored = isinstance(projector, FactoredProjector)
     dense = projector.dense if factored else projector
     device = _device(model, layout)
-    out = torch.zeros((n, projector.k), dtype=torch.float32, device=device)
+    rows = _group_rows(groups, n, device)
+    r = n if rows is None else rows.count
+    out = torch.zeros((r, projector.k), dtype=torch.float32, device=device)
     kronecker = _kronecker_weights(model, layout) if factored else {}
 
     def add(name, lo, values):
@@ -124,12 +139,12 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
 
     def add_weight(name, rule, module, a, delta):
         p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
-        out.add_(rule.project_weight(module, a, delta, n, p_out, p_in))
+        out.add_(_per_group(rule.project_weight(module, a, delta, n, p_out, p_in), rows))
 
     rest = layout.names
     if path == "layer":
         rest = _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight if factored else None,
-                           fallback)
+                           fallback, rows)
     if chunk is None:
         chunk = max(1, _CHUNK_BUDGET // max(n, 1))
     for names in _chunks(layout, rest, chunk):
@@ -137,10 +152,10 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
             if name in kronecker:  # a weight matrix whose layer the layer path could not handle
                 p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
                 g = g.float().reshape(n, *kronecker[name])
-                out.add_(_rows(p_out.T @ g @ p_in))
+                out.add_(_per_group(_rows(p_out.T @ g @ p_in), rows))
             else:
-                add(name, 0, _rows(g))
-    _check_finite_rows(n, [out])
+                add(name, 0, _per_group(_rows(g), rows))
+    _check_finite_rows(r, [out], rows)
     return out
 
 
@@ -160,6 +175,17 @@ def _prepare(model, output_fn, batch, params, path) -> tuple[ParamLayout, int]:
             raise ValueError(f"model: {what}, and the generic path sees one example at a time; call model.eval()")
         warnings.warn(f"model: {what}; call model.eval() first", UserWarning, stacklevel=3)
     return layout, batch_size(batch)
+
+
+def _group_rows(groups, n: int, device) -> GroupRows | None:
+    if groups is None:
+        return None
+    ids, count = group_ids(groups, n, every_id=False)
+    return GroupRows(ids.to(device), count)
+
+
+def _per_group(g: torch.Tensor, rows: GroupRows | None) -> torch.Tensor:
+    return g if rows is None else rows.sum(g)
 
 
 def _rows(g: torch.Tensor) -> torch.Tensor:
@@ -196,10 +222,10 @@ def _vmap_grads(model, output_fn, batch, inputs, names, n) -> dict[str, torch.Te
     return vmap(grad(output_of_one), in_dims=(None, in_dims), randomness="different")(chosen, batch)
 
 
-def _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight, fallback) -> list[str]:
-    """Layer path over one batch: calls add(name, offset_in_param, [n, c]) for every gradient piece, or
-    add_weight(name, rule, module, a, delta) for weight matrices when given. Returns the selected
-    parameters it could not cover, in layout order."""
+def _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight, fallback, rows) -> list[str]:
+    """Layer path over one batch: calls add(name, offset_in_param, [n, c]) for every gradient piece ([G, c] when
+    `rows` groups the examples), or add_weight(name, rule, module, a, delta) for weight matrices when given.
+    Returns the selected parameters it could not cover, in layout order."""
     if n == 0:
         return []
     selected = set(layout.names)
@@ -229,7 +255,7 @@ def _layer_pass(model, output_fn, batch, inputs, layout, n, add, add_weight, fal
         if add_weight is not None and rule.factored and "weight" in mine:
             add_weight(mine["weight"], rule, m, a, delta)
         wanted = set(mine) - ({"weight"} if add_weight is not None and rule.factored else set())
-        for local, lo, values in rule.pieces(m, a, delta, n, wanted):
+        for local, lo, values in rule.pieces(m, a, delta, n, wanted, rows):
             add(mine[local], lo, values)
         delivered.update(mine.values())
 
@@ -290,16 +316,25 @@ def _chunks(layout: ParamLayout, names, budget: int):
         yield run
 
 
-def _check_finite_rows(n: int, tensors) -> None:
-    """Raise naming the examples (rows) whose values in any of `tensors` [n, ...] are NaN or Inf."""
+def _check_finite_rows(n: int, tensors, grouped: GroupRows | None = None) -> None:
+    """Raise naming the examples (or groups, given `grouped`) whose values in any of `tensors` [n, ...] are NaN or
+    Inf."""
     bad = None
     for t in tensors:
-        rows = ~torch.isfinite(t.reshape(n, -1)).all(1) if t.numel() else None
-        bad = rows if bad is None else bad if rows is None else bad | rows
+        if not t.numel():
+            continue
+        t = t.reshape(n, -1)
+        # A row's sum is finite when its values are (one cheap pass); only the other rows are looked at closely,
+        # since a sum can also overflow.
+        suspect = (~torch.isfinite(t.sum(1))).nonzero().flatten()
+        rows = torch.zeros(n, dtype=torch.bool, device=t.device)
+        rows[suspect] = ~torch.isfinite(t[suspect]).all(1)
+        bad = rows if bad is None else bad | rows
     bad = [] if bad is None else bad.nonzero().flatten().tolist()
     if bad:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ValueError(f"batch: the gradients of examples {bad[:10]}{more} are not finite (NaN or Inf in the "
+        what = "examples" if grouped is None else "groups"
+        raise ValueError(f"batch: the gradients of {what} {bad[:10]}{more} are not finite (NaN or Inf in the "
                          "output or its gradient)")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from .._batches import batch_size
+from .._group_rows import Groups
 from .._progress import Progress
 from ..store import FeatureStore
 from ..tasks import Task
@@ -61,53 +63,90 @@ class CheckpointRunner:
             self.model.eval()
             self._loaded = self.states[m]
 
-    def collect(self, loader: Iterable, compute: Callable, *, desc: str, argument: str, leave: bool = False):
+    def collect(self, loader: Iterable, compute: Callable, *, desc: str, argument: str, leave: bool = False,
+                groups: Groups | None = None):
         """Per checkpoint, {name: [n, ...] on the CPU}: compute(task, batch) -> {name: [b, ...]} over all batches.
 
-        argument: the loader's argument name, for the error on an empty loader.
+        argument: the loader's argument name, for errors about the loader.
+        groups: sum rows into groups instead: compute(task, batch, local) gets the batch's group ids renumbered
+            0..s-1 ([b] on the device) and returns {name: [s, ...]} sums, added into the result's G rows.
         """
         parts = [{} for _ in self.states]
+        start = 0
         with Progress(self.progress, _len(loader), desc, "batch", leave=leave) as bar:
             for batch in loader:
                 batch = _to(batch, self.device)
+                extra = used = None
+                if groups is not None:
+                    used, local = groups.of_batch(start, batch_size(batch), argument)
+                    start += local.shape[0]
+                    extra = local.to(self.device)
                 for m, task in enumerate(self.tasks):
                     self.use(m)
-                    for name, value in compute(task, batch).items():
-                        parts[m].setdefault(name, []).append(value.cpu())
+                    values = compute(task, batch) if groups is None else compute(task, batch, extra)
+                    for name, value in values.items():
+                        parts[m].setdefault(name, []).append((used, value.cpu()))
                 bar.update()
         if not parts[0]:
             raise ValueError(f"{argument}: expected at least one batch, got none")
-        return [{name: torch.cat(values) for name, values in columns.items()} for columns in parts]
+        if groups is not None:
+            groups.check_end(start, argument)
 
-    def fill_store(self, loader: Iterable, compute: Callable, open_store: Callable[[int], FeatureStore]):
+        def gather(pieces):
+            if groups is None:
+                return torch.cat([value for _, value in pieces])
+            first = pieces[0][1]
+            total = first.new_zeros((groups.count, *first.shape[1:]))
+            for used, value in pieces:
+                total.index_add_(0, used, value)
+            return total
+
+        return [{name: gather(pieces) for name, pieces in columns.items()} for columns in parts]
+
+    def fill_store(self, loader: Iterable, compute: Callable, open_store: Callable, groups: Groups | None = None):
         """Per checkpoint, the store's arrays after computing the batches it lacks (batches are its blocks).
 
         open_store(n) opens the store for n training rows: the loader's length for a plain sequential DataLoader,
         else counted in a pass over it. Each checkpoint's rows live under its position and a hash of its weights,
         so a store never mixes two checkpoints' rows.
+        groups: as `collect`; the store then holds one row per (batch, group in it), its partial sum, and
+        open_store(n, groups) also gets the Groups (to record them); the rows are summed into G on reading.
         """
-        n = _rows(loader)
-        store = open_store(n)
+        sizes = _batch_sizes(loader)
+        starts = list(itertools.accumulate(sizes, initial=0))
+        if groups is None:
+            store, spans = open_store(starts[-1]), None
+        else:  # the rows of batch b: one per group it holds
+            spans = [groups.of_batch(start, size, "train_loader") for start, size in zip(starts, sizes)]
+            store = open_store(sum(used.numel() for used, _ in spans), groups)
+        rows = list(itertools.accumulate(sizes if spans is None else [used.numel() for used, _ in spans], initial=0))
         ids = [f"model-{m}-{_digest(state)}" for m, state in enumerate(self.states)]
         done = [store.completed(model_id) for model_id in ids]
-        start = 0
-        with Progress(self.progress, _len(loader), "featurize", "batch") as bar:
-            for batch in loader:
-                stop = start + batch_size(batch)
-                if stop > n:
-                    raise ValueError(f"train_loader: yielded more than the {n} rows it had when the store was opened")
-                todo = [m for m in range(len(ids))
-                        if stop > start and not any(a <= start and stop <= b for a, b in done[m])]
+        count = 0
+        with Progress(self.progress, len(sizes), "featurize", "batch") as bar:
+            for b, batch in enumerate(loader):
+                if b >= len(sizes) or batch_size(batch) != sizes[b]:
+                    raise ValueError("train_loader: yielded other batches than when the store was sized (it must "
+                                     "yield the same batches in the same order every time)")
+                lo, hi = rows[b], rows[b + 1]
+                todo = [m for m in range(len(ids)) if hi > lo and not any(a <= lo and hi <= e for a, e in done[m])]
                 if todo:
                     batch = _to(batch, self.device)
+                    extra = () if spans is None else (spans[b][1].to(self.device),)
                 for m in todo:
                     self.use(m)
-                    store.write(ids[m], start, compute(self.tasks[m], batch))
-                start = stop
+                    store.write(ids[m], lo, compute(self.tasks[m], batch, *extra))
+                count = b + 1
                 bar.update()
-        if start != n:
-            raise ValueError(f"train_loader: yielded {start} rows, expected {n} (its length when the store was opened)")
-        return [{name: store.read(model_id, name) for name in store.arrays} for model_id in ids]
+        if count != len(sizes):
+            raise ValueError(f"train_loader: yielded {count} batches, expected {len(sizes)} (as when the store was "
+                             "sized)")
+        arrays = [{name: store.read(model_id, name) for name in store.arrays} for model_id in ids]
+        if spans is None:
+            return arrays
+        used = torch.cat([used for used, _ in spans])
+        return [{name: value.new_zeros((groups.count, *value.shape[1:])).index_add_(0, used, value)
+                 for name, value in column.items()} for column in arrays]
 
 
 def _load(checkpoint, device):
@@ -140,12 +179,13 @@ def _to(batch, device):
     return batch
 
 
-def _rows(loader) -> int:
-    """Rows a loader yields: its sampler's length for a plain sequential DataLoader, else counted in one pass."""
+def _batch_sizes(loader) -> list[int]:
+    """Sizes of the batches a loader yields: from its sampler for a plain sequential DataLoader, else one pass."""
     batches = loader.batch_sampler if isinstance(loader, DataLoader) else None
     if isinstance(batches, BatchSampler) and isinstance(batches.sampler, SequentialSampler) and not batches.drop_last:
-        return len(batches.sampler)
-    return sum(batch_size(batch) for batch in loader)
+        n, b = len(batches.sampler), batches.batch_size
+        return [min(b, n - start) for start in range(0, n, b)]
+    return [batch_size(batch) for batch in loader]
 
 
 def _len(loader):

@@ -11,6 +11,8 @@ from ..per_sample_grads import per_sample_grads, project_grads
 from ..projection import Projector
 
 PROJECTION_KINDS = (*KIND_NAMES, "factored")
+# Most float32 elements of unprojected group sums (checkpoints × G × p) held to project once at the end: 512 MiB.
+_DEFER_BUDGET = 2**27
 
 
 class GradientFeatures:
@@ -25,6 +27,11 @@ class GradientFeatures:
         proj_dim: k, or None for the flat gradients. seed, kind ("rademacher", "gaussian", "sjlt", "factored"),
             factors ((k_out, k_in) for "factored"): the projection. path: "layer" or "generic" gradients.
     Attributes: names, layout, projector (None when flat), dim (k or p).
+
+    Groups: `plan(groups, checkpoints)` before a pass with group ids decides where a dense projection is applied.
+    Random groups spread over every batch, so projecting each batch's group sums would cost nearly one row per
+    example; instead the sums stay unprojected ([G, p] per checkpoint, when that fits _DEFER_BUDGET) and `finish`
+    projects each group once: G rows in all. A FactoredProjector's cost is per token, so it projects per batch.
     """
 
     def __init__(self, model, *, params=None, proj_dim=None, seed=0, kind="rademacher", factors=None, path="layer"):
@@ -40,13 +47,28 @@ class GradientFeatures:
             self.projector, self.dim = FactoredProjector(self.layout.p, k_out, k_in, seed), proj_dim
         else:
             self.projector, self.dim = Projector(self.layout.p, proj_dim, seed, kind), proj_dim
+        self.deferred = False
 
-    def __call__(self, model, fn, batch, inputs) -> torch.Tensor:
-        """[b, dim] float32: gradients of fn(outputs, batch) [b] per example, projected when a projector is set."""
-        if self.projector is None:
-            return per_sample_grads(model, fn, batch, params=self.names, inputs=inputs, path=self.path,
-                                    flat=True).float()
-        return project_grads(model, fn, batch, self.projector, params=self.names, inputs=inputs, path=self.path)
+    def plan(self, groups, checkpoints: int) -> None:
+        """Whether the coming pass with `groups` (a Groups, or None) over `checkpoints` defers its projection."""
+        self.deferred = (groups is not None and isinstance(self.projector, Projector)
+                         and checkpoints * groups.count * self.layout.p <= _DEFER_BUDGET)
+
+    def finish(self, sums: torch.Tensor, device) -> torch.Tensor:
+        """[G, dim]: a planned pass's group sums, projected now (on `device`, in blocks) if that was deferred."""
+        if not self.deferred:
+            return sums
+        rows = max(1, _DEFER_BUDGET // (8 * self.layout.p))
+        return torch.cat([self.projector(sums[i:i + rows].to(device)).cpu() for i in range(0, sums.shape[0], rows)])
+
+    def __call__(self, model, fn, batch, inputs, groups=None) -> torch.Tensor:
+        """[b, dim] float32: gradients of fn(outputs, batch) [b] per example, projected when a projector is set;
+        with groups (ids [b] 0..s-1), [s, dim]: each group's summed gradient ([s, p] when `plan` deferred)."""
+        if self.projector is None or (groups is not None and self.deferred):
+            return per_sample_grads(model, fn, batch, params=self.names, inputs=inputs, path=self.path, flat=True,
+                                    groups=groups).float()
+        return project_grads(model, fn, batch, self.projector, params=self.names, inputs=inputs, path=self.path,
+                             groups=groups)
 
 
 def _factors(k: int, factors) -> tuple[int, int]:

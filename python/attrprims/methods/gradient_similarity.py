@@ -9,6 +9,9 @@ learning rate in force at checkpoint m; Grad-Dot and Grad-Cos average over check
 plain inner product or cosine for one checkpoint. Positive scores mean x_i helps z: a gradient step on x_i lowers
 z's loss to first order. Gradients are flat ([n, p]) or projected to k dimensions (`proj_dim`), which preserves
 inner products in expectation (the TRAK/TracIn-projected approximation).
+
+Groups (GGDA, `featurize(..., groups=ids)`): a group's gradient is the sum of its members' loss gradients, so its
+dot-product score is the sum of theirs (Grad-Cos takes the cosine with the summed gradient).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .._group_rows import Groups
 from ..scoring import score
 from ..tasks import Task
 from ._checkpoints import CheckpointRunner
@@ -50,18 +54,24 @@ class GradientSimilarity:
         self.similarity, self.weights = similarity, None if weights is None else _weights(weights)
         self._train: list[torch.Tensor] = []  # per checkpoint: [n, d] (unit rows for "cos")
 
-    def featurize(self, train_loader: Iterable, checkpoints: Sequence):
-        """Loss gradients of the training set under every checkpoint (one pass over the data)."""
+    def featurize(self, train_loader: Iterable, checkpoints: Sequence, *, groups=None):
+        """Loss gradients of the training set under every checkpoint (one pass over the data).
+
+        groups: ids [n_train] of a partition into G groups (attrprims.groups): score groups, by summed gradients.
+        """
         if self.weights is not None and len(self.weights) != len(checkpoints):
             raise ValueError(f"weights: expected one per checkpoint ({len(checkpoints)}), got {len(self.weights)}")
+        groups = None if groups is None else Groups(groups)
         self.runner.load(checkpoints, train_loader)
+        self.grads.plan(groups, len(checkpoints))
         columns = self.runner.collect(train_loader, self._gradients, desc="featurize", argument="train_loader",
-                                      leave=True)
-        self._train = [column["grads"] for column in columns]
+                                      leave=True, groups=groups)
+        self._train = [self._normalized(self.grads.finish(column["grads"], self.runner.device)) for column in columns]
         return self
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
-        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target (one fused pass)."""
+        """Scores [m_test, n_train] ([m_test, G] with groups; rows are targets), or a Ranked top/bottom-k per target
+        (one fused pass)."""
         targets = self._targets(test_loader)
         a = torch.cat([w * t for w, t in zip(self._checkpoint_weights(), targets)], dim=1)
         b = torch.cat(self._train, dim=1)
@@ -73,16 +83,19 @@ class GradientSimilarity:
         self._checked()
         return sum(w * (g.double() ** 2).sum(-1) for w, g in zip(self._checkpoint_weights(), self._train)).float()
 
-    def _gradients(self, task, batch):
-        g = self.grads(self.runner.model, task.loss, batch, task.inputs)
+    def _gradients(self, task, batch, local=None):
+        return {"grads": self.grads(self.runner.model, task.loss, batch, task.inputs, groups=local)}
+
+    def _normalized(self, g):
+        """Unit rows for "cos" (after any group sums), else g."""
         if self.similarity == "cos":
-            g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-        return {"grads": g}
+            return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        return g
 
     def _targets(self, test_loader) -> list[torch.Tensor]:
         self._checked()
         columns = self.runner.collect(test_loader, self._gradients, desc="targets", argument="test_loader")
-        return [column["grads"] for column in columns]
+        return [self._normalized(column["grads"]) for column in columns]
 
     def _checkpoint_weights(self) -> list[float]:
         return self.weights if self.weights is not None else [1.0 / len(self._train)] * len(self._train)

@@ -15,6 +15,11 @@ Curvature:
   empirical Fisher GᵀG/n of the training gradients G, as a [p, p] matrix (explicit, cg, arnoldi).
 - projected gradients (proj_dim = k): the empirical Fisher of the projected gradients, ΦᵀΦ/n [k, k] (as LoGra and
   dattri's projected IF do), with "explicit", "cg" or "arnoldi": the k×k problem replaces the p×p one.
+
+Groups (GGDA, `featurize(..., groups=ids)`): a group's gradient is the sum of its members' loss gradients, so under
+the "hessian"/"ggn" curvature (of the whole training loss, unchanged) its score is exactly the sum of theirs; the
+"fisher" curvature is then the empirical Fisher of the group gradients (groups taken as the data points, as GGDA
+does), which costs G instead of n outer products.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .._group_rows import Groups
 from ..hvp import HessianOperator
 from ..ihvp import SOLVERS, ihvp_solver
 from ..scoring import score
@@ -75,17 +81,23 @@ class InfluenceFunction:
         self._train: list[torch.Tensor] = []  # per checkpoint: training loss gradients [n, d]
         self._solvers: list = []
 
-    def featurize(self, train_loader: Iterable, checkpoints: Sequence):
-        """Training loss gradients under every checkpoint (one pass over the data), then each one's solver fit."""
+    def featurize(self, train_loader: Iterable, checkpoints: Sequence, *, groups=None):
+        """Training loss gradients under every checkpoint (one pass over the data), then each one's solver fit.
+
+        groups: ids [n_train] of a partition into G groups (attrprims.groups): score groups, by summed gradients.
+        """
+        groups = None if groups is None else Groups(groups)
         self.runner.load(checkpoints, train_loader)
+        self.grads.plan(groups, len(checkpoints))
         columns = self.runner.collect(train_loader, self._gradients, desc="featurize", argument="train_loader",
-                                      leave=True)
-        self._train = [column["grads"] for column in columns]
+                                      leave=True, groups=groups)
+        self._train = [self.grads.finish(column["grads"], self.runner.device) for column in columns]
         self._solvers = [self._fit(m, train_loader) for m in range(len(self._train))]
         return self
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
-        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target (one fused pass)."""
+        """Scores [m_test, n_train] ([m_test, G] with groups; rows are targets), or a Ranked top/bottom-k per target
+        (one fused pass)."""
         self._checked()
         columns = self.runner.collect(test_loader, self._gradients, desc="targets", argument="test_loader")
         device = self.runner.device
@@ -102,8 +114,8 @@ class InfluenceFunction:
             total = total + (self._solve(m, g).double() * g.to(self.runner.device).double()).sum(-1)
         return (total / len(self._train)).float()
 
-    def _gradients(self, task, batch):
-        return {"grads": self.grads(self.runner.model, task.loss, batch, task.inputs)}
+    def _gradients(self, task, batch, local=None):
+        return {"grads": self.grads(self.runner.model, task.loss, batch, task.inputs, groups=local)}
 
     def _fit(self, m, train_loader):
         """The IHVP solver of checkpoint m: on a matrix (empirical Fisher) or on a model copy's HessianOperator."""

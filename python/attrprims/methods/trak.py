@@ -20,6 +20,12 @@ Where this differs from traker, and why:
 - The projection is ours: seeded Philox, the same matrix on CPU and GPU and under any chunking (traker's
   fast_jl matrix depends on the GPU model); `kind="factored"` uses P_out ⊗ P_in (LoGra) on weight matrices.
 - K_m is applied through an eigendecomposition in float64 instead of traker's fp32 inverse.
+
+Groups (GGDA, `featurize(..., groups=ids)`): a group G of training examples is attributed as one, with feature
+Φ_G = Σ_{i∈G} Q_i φ_i / Q_G and Q_G = mean_{i∈G} Q_i, so that its score φ(z) K Φ_Gᵀ Q_G = φ(z) K Σ_{i∈G} Q_i φ_iᵀ is
+the sum of its members' TRAK scores under the kernel K = (Σ_G Φ_GᵀΦ_G + λI)⁻¹ of the groups (the loss gradient of
+the group is the sum of its members', Q_i φ_i each). One backward pass of Σ_i Q_i f_i per batch gives the sums, and
+featurization, Gram and scoring cost scale with the number of groups. Groups of one example are plain TRAK.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from .._batches import model_args
 from .._checks import check_int
+from .._group_rows import Groups
 from ..gram import GramAccumulator
 from ..scoring import score
 from ..store import FeatureStore
@@ -73,10 +80,11 @@ class TRAK:
         self.damping, self.relative = damping, relative
         self.store_path = store
         self._models: list[dict] = []  # per checkpoint: features [n, k], out_to_loss [n], gram
+        self.groups = None  # the Groups featurize was given
 
     # ---- featurize ----------------------------------------------------------------------------------
 
-    def featurize(self, train_loader: Iterable, checkpoints: Sequence) -> "TRAK":
+    def featurize(self, train_loader: Iterable, checkpoints: Sequence, *, groups=None) -> "TRAK":
         """Project the training set's gradients under every checkpoint; then each one's Gram matrix and Q.
 
         train_loader: re-iterable batches in a fixed order (not shuffled: rows are training example indices). It
@@ -84,35 +92,53 @@ class TRAK:
             per checkpoint), each batch going through every checkpoint's weights in turn.
         checkpoints: state_dicts or paths, one per independently trained model (or training checkpoint); all
             are held in memory.
+        groups: ids [n_train] of a partition into G groups (attrprims.groups): attribute to groups (see the module
+            docstring); scores are then [m_test, G].
         """
+        self.groups = None if groups is None else Groups(groups)
         self.runner.load(checkpoints, train_loader)
+        self.grads.plan(self.groups if self.store_path is None else None, len(checkpoints))
         if self.store_path is None:
             columns = self.runner.collect(train_loader, self._features, desc="featurize", argument="train_loader",
-                                          leave=True)
+                                          leave=True, groups=self.groups)
         else:
-            columns = self.runner.fill_store(train_loader, self._features, self._open_store)
+            columns = self.runner.fill_store(train_loader, self._features, self._open_store, self.groups)
         self._models = []
         for column in columns:
-            features = column["features"]
+            features = self.grads.finish(column["features"], self.device)
+            if self.groups is not None:  # Σ Q_i φ_i and Σ Q_i per group → Φ_G and Q_G
+                column["out_to_loss"] = column["out_to_loss"] / self.groups.sizes
+                scale = column["out_to_loss"].clamp_min(torch.finfo(torch.float32).tiny)
+                features = features / scale.unsqueeze(1)
             gram = GramAccumulator(self.k, device=self.device)
             for start in range(0, features.shape[0], 4096):
                 gram.update(features[start:start + 4096].to(self.device))
             self._models.append({"features": features, "out_to_loss": column["out_to_loss"], "gram": gram})
         return self
 
-    def _features(self, task, batch):
-        """{"features": projected gradients of f [b, k], "out_to_loss": Q [b]} of a batch under the loaded weights."""
-        phi = self.grads(self.model, task.output, batch, task.inputs)
+    def _features(self, task, batch, local=None):
+        """{"features": projected gradients of f [b, k], "out_to_loss": Q [b]} of a batch under the loaded weights;
+        with local group ids [b] (0..s-1), the group sums Σ Q_i φ_i [s, k] and Σ Q_i [s]."""
         args, kwargs = model_args(task.inputs, batch)
         with torch.no_grad():
-            q = task.out_to_loss(self.model(*args, **kwargs), batch)
-        return {"features": phi, "out_to_loss": q.float()}
+            q = task.out_to_loss(self.model(*args, **kwargs), batch).float()
+        if local is None:
+            return {"features": self.grads(self.model, task.output, batch, task.inputs), "out_to_loss": q}
 
-    def _open_store(self, n):
+        def weighted(outputs, batch):  # Σ_i Q_i f_i has gradient Σ_i Q_i φ_i
+            return task.output(outputs, batch) * task.out_to_loss(outputs, batch).detach()
+
+        count = int(local.max()) + 1
+        return {"features": self.grads(self.model, weighted, batch, task.inputs, groups=local),
+                "out_to_loss": q.new_zeros(count).index_add_(0, local, q)}
+
+    def _open_store(self, n, groups=None):
+        extra = {"task": self.task.config(), "params": self.params}
+        if groups is not None:
+            extra["groups"] = groups.digest  # rows are partial group sums: another grouping cannot reuse them
         return FeatureStore.open(self.store_path, n=n, arrays={"features": ([self.k], torch.float32),
                                                                "out_to_loss": ([], torch.float32)},
-                                 projector=self.projector, layout=self.layout, output=self.task.name,
-                                 extra={"task": self.task.config(), "params": self.params})
+                                 projector=self.projector, layout=self.layout, output=self.task.name, extra=extra)
 
     # ---- score ----------------------------------------------------------------------------------------
 
@@ -124,7 +150,8 @@ class TRAK:
         return [column["features"] for column in columns]
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None, damping=None, targets=None):
-        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target.
+        """Scores [m_test, n_train] (rows are targets; [m_test, G] after featurize with groups), or a Ranked
+        top/bottom-k per target.
 
         damping: overrides the constructor's (a sequence gives [d, m_test, n_train]; not with topk).
         targets: precomputed `target_features(test_loader)` to reuse (test_loader may then be None).
