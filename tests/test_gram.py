@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import reference
 from attrprims import GramAccumulator
+from attrprims.gram import FeatureGram
 from conftest import CUDA_TENSOR_CORE_TOL
 from strategies import splits
 
@@ -204,6 +205,38 @@ def test_damping_sweep_and_relative(with_eigh):
     torch.testing.assert_close(inverse[1] @ (g + 2.0 * eye), eye, rtol=1e-8, atol=1e-9)
     with pytest.raises(ValueError, match="damping"):
         acc.solve(rhs, 0.0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 14])
+def test_feature_gram_solves_as_the_accumulator(n):
+    """Fewer rows than columns: Woodbury through ΦΦᵀ equals the k×k solve, for one λ, a sweep and relative λ."""
+    x = features(n, 15, torch.float32, seed=n)
+    fg, g = FeatureGram(x), reference.gram(x.double())
+    assert (fg.count, fg.k) == (n, 15)
+    assert fg.trace() == pytest.approx(float(torch.trace(g)), rel=1e-12, abs=1e-12)
+    rhs = features(3, 15, seed=5)
+    for lam in (1e-3, 0.5, 100.0):
+        torch.testing.assert_close(fg.solve(rhs, lam), reference.damped_solve(g, rhs, lam), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fg.solve(rhs[1], 0.5), reference.damped_solve(g, rhs, 0.5)[1], rtol=1e-7, atol=1e-9)
+    sweep = fg.solve(rhs, [0.01, 1.0])
+    assert sweep.shape == (2, 3, 15)
+    torch.testing.assert_close(sweep[1], reference.damped_solve(g, rhs, 1.0), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fg.solve(rhs, 1.0), sweep[1], rtol=1e-9, atol=1e-11)  # after the cached eigh
+    if n:
+        relative = reference.damped_solve(g, rhs, 0.2 * float(torch.trace(g)) / 15)
+        torch.testing.assert_close(fg.solve(rhs, 0.2, relative=True), relative, rtol=1e-7, atol=1e-9)
+
+
+def test_feature_gram_errors():
+    with pytest.raises(ValueError, match=r"features: expected fewer rows than columns"):
+        FeatureGram(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="features: expected finite"):
+        FeatureGram(torch.tensor([[0.0, float("nan"), 1.0]]))
+    fg = FeatureGram(features(2, 5))
+    with pytest.raises(ValueError, match=r"damping: G = ΦᵀΦ of 2 rows for k = 5 is singular"):
+        fg.solve(features(1, 5), 0.0)
+    with pytest.raises(ValueError, match="rhs: expected last dimension k == 5"):
+        fg.solve(features(1, 4), 1.0)
 
 
 def test_eigh_cache_is_dropped_by_update():

@@ -71,6 +71,20 @@ def test_a_group_scores_the_sum_of_its_members(name):
     torch.testing.assert_close(groups, summed, rtol=1e-4, atol=1e-6)
 
 
+def test_projecting_per_batch_or_once_per_group_agree(monkeypatch):
+    """Group sums are projected once per group when [G, p] fits the budget, else batch by batch: same features."""
+    from attrprims.methods import _gradients
+
+    nets, train, test, states = setting()
+    ids = random_groups(7)
+    once = METHODS["trak"](nets[0]).featurize(train, states, groups=ids)
+    assert once.grads.deferred
+    monkeypatch.setattr(_gradients, "_DEFER_BUDGET", 0)
+    per_batch = METHODS["trak"](nets[0]).featurize(train, states, groups=ids)
+    assert not per_batch.grads.deferred
+    torch.testing.assert_close(per_batch.score(test), once.score(test), rtol=1e-4, atol=1e-6)
+
+
 def test_grad_cos_takes_the_cosine_with_the_summed_gradient():
     nets, train, test, states = setting(models=1)
     ids = random_groups(5)

@@ -116,16 +116,17 @@ def test_explicit_influence_matches_the_closed_form_on_logistic_regression(curva
                                atol=1e-5)
 
 
-def test_influence_averages_checkpoints_and_projects_with_the_fisher():
+@pytest.mark.parametrize("k", [16, 64])  # 64 > 40 training examples: solved through the 40×40 kernel
+def test_influence_averages_checkpoints_and_projects_with_the_fisher(k):
     nets, train, test = setting(models=2, hidden=True)
     p = param_layout(nets[0]).p
-    P = Projector(p, 16, seed=1).matrix().double()
+    P = Projector(p, k, seed=1).matrix().double()
     expected = 0
     for net in nets:
         a, b = loss_grads(net, test) @ P, loss_grads(net, train) @ P
         fisher = b.T @ b / b.shape[0]
-        expected = expected + a @ torch.linalg.inv(fisher + 0.1 * torch.eye(16, dtype=torch.float64)) @ b.T / 2
-    method = InfluenceFunction(nets[0], TASK, damping=0.1, proj_dim=16, seed=1, progress=False)
+        expected = expected + a @ torch.linalg.inv(fisher + 0.1 * torch.eye(k, dtype=torch.float64)) @ b.T / 2
+    method = InfluenceFunction(nets[0], TASK, damping=0.1, proj_dim=k, seed=1, progress=False)
     torch.testing.assert_close(method.featurize(train, states(nets)).score(test).double(), expected, rtol=1e-4,
                                atol=1e-4)
 

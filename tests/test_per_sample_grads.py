@@ -110,6 +110,17 @@ def test_groups_of_any_layout_on_a_conv_net(ids):
     torch.testing.assert_close(flat, group_sums(ref, ids, int(ids.max()) + 1), rtol=1e-9, atol=1e-11)
 
 
+def test_finite_check_is_not_fooled_by_overflowing_sums():
+    """Rows whose sums overflow are looked at closely, not reported."""
+    from attrprims.per_sample_grads import _check_finite_rows
+
+    big = torch.full((3, 4), 3e38)  # finite, though every row sums to inf in float32
+    _check_finite_rows(3, [big])
+    big[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"examples \[1\] are not finite"):
+        _check_finite_rows(3, [big])
+
+
 def test_bad_groups_are_named():
     model, out, batch, _ = models.setting("mlp", 3)
     for bad, match in [(torch.tensor([0, 1]), r"groups: expected shape \[3\]"),

@@ -53,6 +53,18 @@ def test_matches_the_published_estimator(path):
     torch.testing.assert_close(trak.score(test, damping=0.1).double(), relative, rtol=2e-4, atol=1e-5)
 
 
+def test_more_dimensions_than_training_examples():
+    """k > n: the kernel is solved through the n×n ΦΦᵀ (FeatureGram), to the same scores."""
+    nets, train, test = setting(n=20)
+    trak = TRAK(nets[0], TASK, proj_dim=48, seed=2, progress=False).featurize(train, [n.state_dict() for n in nets])
+    auto = expected_scores(nets, train, test, 48, 2, lambda g, n: AUTO_DAMPING * torch.trace(g) / n)
+    torch.testing.assert_close(trak.score(test).double(), auto, rtol=2e-4, atol=1e-5)
+    sweep = trak.score(test, damping=[0.1, 1.0])
+    relative = expected_scores(nets, train, test, 48, 2, lambda g, n: 1.0 * torch.trace(g) / 48)
+    torch.testing.assert_close(sweep[1].double(), relative, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(trak.self_score(), trak.score(train).diagonal(), rtol=1e-4, atol=1e-6)
+
+
 def test_topk_self_score_and_sweep_agree_with_dense():
     nets, train, test = setting(models=3)
     trak = TRAK(nets[0], TASK, proj_dim=12, progress=False).featurize(train, [n.state_dict() for n in nets])

@@ -10,7 +10,7 @@ from . import ensemble
 from .ensemble import EnsembleAccumulator
 from .factored_projection import project_factored
 from .factored_projector import FactoredProjector
-from .gram import GramAccumulator
+from .gram import FeatureGram, GramAccumulator
 from .hvp import HessianOperator, ggn_vp, hvp
 from .ihvp import SOLVERS, IHVPResult, IHVPSolver, ihvp_solver
 from .param_layout import ParamLayout, param_layout
@@ -26,8 +26,9 @@ from .methods import TRAK, GradCos, GradDot, InfluenceFunction, RepresenterPoint
 __version__ = _core_info["version"]
 
 __all__ = ["BinaryClassification", "ContrastiveImageText", "CudaStatus", "EnsembleAccumulator", "FactoredProjector",
-           "FeatureStore", "GradCos", "GradDot", "GramAccumulator", "HessianOperator", "IHVPResult", "IHVPSolver",
-           "InfluenceFunction", "LanguageModeling", "MultiClassClassification", "ParamLayout", "Projector", "Ranked", "RepresenterPoints",
-           "SOLVERS", "TRAK", "Task", "TextClassification", "TracInCP", "__version__", "build_info", "cuda_available",
-           "ensemble", "ggn_vp", "groups", "hvp", "ihvp_solver", "methods", "metrics", "param_layout", "per_sample_grads",
-           "project", "project_factored", "project_grads", "project_transpose", "score"]
+           "FeatureGram", "FeatureStore", "GradCos", "GradDot", "GramAccumulator", "HessianOperator", "IHVPResult",
+           "IHVPSolver", "InfluenceFunction", "LanguageModeling", "MultiClassClassification", "ParamLayout",
+           "Projector", "Ranked", "RepresenterPoints", "SOLVERS", "TRAK", "Task", "TextClassification", "TracInCP",
+           "__version__", "build_info", "cuda_available", "ensemble", "ggn_vp", "groups", "hvp", "ihvp_solver",
+           "methods", "metrics", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
+           "project_transpose", "score"]

@@ -56,21 +56,15 @@ class GroupRows:
 
     def __init__(self, ids: torch.Tensor, count: int):
         self.count = count
-        self.n = ids.shape[0]
         self._ids = ids
+        n = ids.shape[0]
         sizes = torch.bincount(ids, minlength=count)
-        self.width = int(sizes.max()) if self.n else 0  # the largest group: concat pads every group to it
+        self.width = int(sizes.max()) if n else 0  # the largest group: concat pads every group to it
         order = torch.sort(ids, stable=True).indices
         starts = torch.cumsum(sizes, 0) - sizes
         rank = torch.empty_like(ids)
-        rank[order] = torch.arange(self.n, device=ids.device) - starts[ids[order]]
+        rank[order] = torch.arange(n, device=ids.device) - starts[ids[order]]
         self._slot = ids * self.width + rank  # example i's place in the [count · width] padded layout
-
-    def to(self, device) -> "GroupRows":
-        moved = GroupRows.__new__(GroupRows)
-        moved.count, moved.n, moved.width = self.count, self.n, self.width
-        moved._ids, moved._slot = self._ids.to(device), self._slot.to(device)
-        return moved
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """[count, ...]: row j is the sum of the rows of x [n, ...] whose id is j."""

@@ -3,7 +3,8 @@
 TRAK and the Gauss-Newton influence estimates need (ΦᵀΦ + λI)⁻¹ for features Φ [n, k] that arrive in batches
 and may not fit in memory. The compiled kernels update only the lower triangle (half the flops of Φ_bᵀΦ_b),
 with fp64 products and sums on the CPU. Damping is the knob users sweep most, so after one `eigh()` a solve
-for any number of damping values costs two [k, k] products instead of a new factorisation.
+for any number of damping values costs two [k, k] products instead of a new factorisation. With fewer rows than
+columns (n < k, e.g. groups of training points), `FeatureGram` keeps Φ itself and solves through the n×n kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from ._checks import check_finite, check_int, check_like, check_matrix, check_te
 from ._kernel_args import gram_update_args
 
 GRAM_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _rhs_rows(rhs, k: int, like: torch.Tensor) -> torch.Tensor:
+    """rhs [r, k] or [k], checked (shape, dtype, device of `like`, finite), as float64 rows [r, k]."""
+    if not isinstance(rhs, torch.Tensor):
+        raise TypeError(f"rhs: expected a torch.Tensor of shape [r, k] or [k], got {type(rhs).__name__}")
+    check_tensor("rhs", rhs, "[r, k] or [k]", 1 if rhs.dim() == 1 else 2, GRAM_INPUTS)
+    if rhs.shape[-1] != k:
+        raise ValueError(f"rhs: expected last dimension k == {k} (from the accumulator), got {list(rhs.shape)}")
+    check_like("rhs", rhs, "the accumulator", like, same_dtype=False)
+    check_finite("rhs", rhs)
+    return rhs.reshape(-1, k).double()
 
 
 def _damping_values(damping, relative: bool, scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -126,16 +139,9 @@ class GramAccumulator:
         for later solves with the same λ until G changes.
         Raises: ValueError naming rhs or damping (bad shape, negative λ, or G + λI singular).
         """
-        if not isinstance(rhs, torch.Tensor):
-            raise TypeError(f"rhs: expected a torch.Tensor of shape [r, k] or [k], got {type(rhs).__name__}")
-        check_tensor("rhs", rhs, "[r, k] or [k]", 1 if rhs.dim() == 1 else 2, GRAM_INPUTS)
-        if rhs.shape[-1] != self.k:
-            raise ValueError(f"rhs: expected last dimension k == {self.k} (from the accumulator), got {list(rhs.shape)}")
-        check_like("rhs", rhs, "the accumulator", self._g, same_dtype=False)
-        check_finite("rhs", rhs)
+        rows = _rhs_rows(rhs, self.k, self._g)
         scale = torch.tensor(self.trace() / max(self.k, 1), dtype=torch.float64, device=self.device)
         lambdas, many = _damping_values(damping, relative, scale)
-        rows = rhs.reshape(-1, self.k).double()
         if self._eig is not None:
             values, vectors = self._eig
             coefficients = rows @ vectors
@@ -190,3 +196,57 @@ class GramAccumulator:
 
     def __repr__(self) -> str:
         return f"GramAccumulator(k={self.k}, dtype={dtype_name(self.dtype)}, device={self.device}, count={self.count})"
+
+
+class FeatureGram:
+    """G = ΦᵀΦ for features Φ [n, k] with fewer rows than columns, solved through the n×n kernel ΦΦᵀ.
+
+    Equivalent to `GramAccumulator(k).update(Φ)` for `count`, `trace` and `solve`, by Woodbury:
+    (G + λI)⁻¹ = (I − Φᵀ(ΦΦᵀ + λI)⁻¹Φ) / λ, which costs O(n²k + n³) instead of O(nk² + k³). G has rank at most
+    n < k, so only λ > 0 is solvable. Φ is kept in float64 (n·k ≤ k² elements: no more than G itself).
+    """
+
+    def __init__(self, features: torch.Tensor):
+        check_matrix("features", features, "[n, k]", GRAM_INPUTS)
+        if features.shape[0] >= features.shape[1]:
+            raise ValueError(f"features: expected fewer rows than columns (n < k; else use GramAccumulator), got "
+                             f"{list(features.shape)}")
+        check_finite("features", features)
+        self.features = features.double()
+        self.count, self.k = features.shape
+        self.device = features.device
+        self._kernel = self.features @ self.features.T
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._factors: dict[float, torch.Tensor] = {}
+
+    def trace(self) -> float:
+        """trace(G) = trace(ΦΦᵀ) = Σ ‖φ‖²."""
+        return float(torch.diagonal(self._kernel).sum())
+
+    def solve(self, rhs: torch.Tensor, damping, *, relative: bool = False) -> torch.Tensor:
+        """(G + λI)⁻¹ applied to each row of rhs [r, k] (or rhs [k]): as `GramAccumulator.solve`, for λ > 0.
+
+        A sequence of λ goes through one eigendecomposition of ΦΦᵀ (cached); one λ through a Cholesky factor of
+        ΦΦᵀ + λI (cached per λ).
+        """
+        rows = _rhs_rows(rhs, self.k, self.features)
+        scale = torch.tensor(self.trace() / self.k, dtype=torch.float64, device=self.device)
+        lambdas, many = _damping_values(damping, relative, scale)
+        if bool((lambdas <= 0).any()):
+            raise ValueError(f"damping: G = ΦᵀΦ of {self.count} rows for k = {self.k} is singular; expected damping "
+                             f"> 0, got {damping!r}")
+        coefficients = rows @ self.features.T  # [r, n]
+        if many or self._eig is not None:
+            if self._eig is None:
+                self._eig = torch.linalg.eigh(self._kernel)
+            values, vectors = self._eig
+            inner = ((coefficients @ vectors)[None] / (values[None, :] + lambdas[:, None])[:, None, :]) @ vectors.T
+        else:
+            lam = float(lambdas[0])
+            if lam not in self._factors:
+                eye = torch.eye(self.count, dtype=torch.float64, device=self.device)
+                self._factors[lam] = torch.linalg.cholesky(self._kernel + lam * eye)
+            inner = torch.cholesky_solve(coefficients.T, self._factors[lam]).T[None]
+        out = (rows[None] - inner @ self.features) / lambdas[:, None, None]
+        out = out.reshape(len(lambdas), *rhs.shape)
+        return out if many else out[0]

@@ -76,32 +76,28 @@ class CheckpointRunner:
         with Progress(self.progress, _len(loader), desc, "batch", leave=leave) as bar:
             for batch in loader:
                 batch = _to(batch, self.device)
-                extra = used = None
                 if groups is not None:
                     used, local = groups.of_batch(start, batch_size(batch), argument)
                     start += local.shape[0]
-                    extra = local.to(self.device)
+                    local = local.to(self.device)
                 for m, task in enumerate(self.tasks):
                     self.use(m)
-                    values = compute(task, batch) if groups is None else compute(task, batch, extra)
-                    for name, value in values.items():
-                        parts[m].setdefault(name, []).append((used, value.cpu()))
+                    if groups is None:
+                        for name, value in compute(task, batch).items():
+                            parts[m].setdefault(name, []).append(value.cpu())
+                        continue
+                    for name, value in compute(task, batch, local).items():  # summed as they come: [G, ...] each
+                        value = value.cpu()
+                        if name not in parts[m]:
+                            parts[m][name] = value.new_zeros((groups.count, *value.shape[1:]))
+                        parts[m][name].index_add_(0, used, value)
                 bar.update()
         if not parts[0]:
             raise ValueError(f"{argument}: expected at least one batch, got none")
         if groups is not None:
             groups.check_end(start, argument)
-
-        def gather(pieces):
-            if groups is None:
-                return torch.cat([value for _, value in pieces])
-            first = pieces[0][1]
-            total = first.new_zeros((groups.count, *first.shape[1:]))
-            for used, value in pieces:
-                total.index_add_(0, used, value)
-            return total
-
-        return [{name: gather(pieces) for name, pieces in columns.items()} for columns in parts]
+            return parts
+        return [{name: torch.cat(values) for name, values in columns.items()} for columns in parts]
 
     def fill_store(self, loader: Iterable, compute: Callable, open_store: Callable, groups: Groups | None = None):
         """Per checkpoint, the store's arrays after computing the batches it lacks (batches are its blocks).

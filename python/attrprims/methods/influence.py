@@ -15,6 +15,8 @@ Curvature:
   empirical Fisher GᵀG/n of the training gradients G, as a [p, p] matrix (explicit, cg, arnoldi).
 - projected gradients (proj_dim = k): the empirical Fisher of the projected gradients, ΦᵀΦ/n [k, k] (as LoGra and
   dattri's projected IF do), with "explicit", "cg" or "arnoldi": the k×k problem replaces the p×p one.
+  With fewer training rows (examples or groups) n than dimensions d and damping > 0, "explicit" solves through the
+  n×n kernel instead (`FeatureGram`, Woodbury): (GᵀG/n + λI)⁻¹ = n (GᵀG + nλI)⁻¹, the same values.
 
 Groups (GGDA, `featurize(..., groups=ids)`): a group's gradient is the sum of its members' loss gradients, so under
 the "hessian"/"ggn" curvature (of the whole training loss, unchanged) its score is exactly the sum of theirs; the
@@ -30,6 +32,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .._group_rows import Groups
+from ..gram import FeatureGram
 from ..hvp import HessianOperator
 from ..ihvp import SOLVERS, ihvp_solver
 from ..scoring import score
@@ -118,9 +121,12 @@ class InfluenceFunction:
         return {"grads": self.grads(self.runner.model, task.loss, batch, task.inputs, groups=local)}
 
     def _fit(self, m, train_loader):
-        """The IHVP solver of checkpoint m: on a matrix (empirical Fisher) or on a model copy's HessianOperator."""
+        """The IHVP solver of checkpoint m: on a matrix (empirical Fisher), through the kernel of its rows (see the
+        module docstring), or on a model copy's HessianOperator."""
         if self.curvature == "fisher":
             g = self._train[m].to(self.runner.device).double()
+            if self.solver == "explicit" and g.shape[0] < g.shape[1] and self.damping > 0:
+                return FeatureGram(g)
             operator = g.T @ g / g.shape[0]
         else:
             self.runner.use(m)
@@ -132,6 +138,9 @@ class InfluenceFunction:
 
     def _solve(self, m, rows):
         solver = self._solvers[m]
+        if isinstance(solver, FeatureGram):
+            n = solver.count
+            return n * solver.solve(rows.to(solver.device, torch.float64), n * self.damping)
         return solver.solve(rows.to(solver.device, solver.dtype)).x
 
     def _checked(self):

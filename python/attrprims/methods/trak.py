@@ -1,8 +1,8 @@
 """TRAK (Park et al., ICML 2023), composed from the primitives: projected gradients, Gram, ensemble, scoring.
 
 Per model m (an independently trained model or a checkpoint): Φ_m [n, k] are the projected per-example gradients
-of the task's output function f on the training set, K_m = (Φ_mᵀΦ_m + λI)⁻¹ (GramAccumulator), and Q_m [n] the
-out-to-loss terms. The score of training example i for target z is
+of the task's output function f on the training set, K_m = (Φ_mᵀΦ_m + λI)⁻¹ (GramAccumulator; FeatureGram, through
+the n×n kernel, when n < k), and Q_m [n] the out-to-loss terms. The score of training example i for target z is
 
     τ(z)_i = mean_m[φ_m(z) K_m Φ_mᵀ]_i · mean_m[Q_m]_i,
 
@@ -25,7 +25,8 @@ Groups (GGDA, `featurize(..., groups=ids)`): a group G of training examples is a
 Φ_G = Σ_{i∈G} Q_i φ_i / Q_G and Q_G = mean_{i∈G} Q_i, so that its score φ(z) K Φ_Gᵀ Q_G = φ(z) K Σ_{i∈G} Q_i φ_iᵀ is
 the sum of its members' TRAK scores under the kernel K = (Σ_G Φ_GᵀΦ_G + λI)⁻¹ of the groups (the loss gradient of
 the group is the sum of its members', Q_i φ_i each). One backward pass of Σ_i Q_i f_i per batch gives the sums, and
-featurization, Gram and scoring cost scale with the number of groups. Groups of one example are plain TRAK.
+featurization, Gram and scoring cost scale with the number of groups. Groups of one example are plain TRAK. With
+`store=`, each batch's group sums are projected and stored as they come (resumable), instead of once per group.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from .._batches import model_args
 from .._checks import check_int
 from .._group_rows import Groups
-from ..gram import GramAccumulator
+from ..gram import FeatureGram, GramAccumulator
 from ..scoring import score
 from ..store import FeatureStore
 from ..tasks import Task
@@ -110,9 +111,12 @@ class TRAK:
                 column["out_to_loss"] = column["out_to_loss"] / self.groups.sizes
                 scale = column["out_to_loss"].clamp_min(torch.finfo(torch.float32).tiny)
                 features = features / scale.unsqueeze(1)
-            gram = GramAccumulator(self.k, device=self.device)
-            for start in range(0, features.shape[0], 4096):
-                gram.update(features[start:start + 4096].to(self.device))
+            if features.shape[0] < self.k:  # fewer rows than k (groups, small sets): solve through ΦΦᵀ
+                gram = FeatureGram(features.to(self.device))
+            else:
+                gram = GramAccumulator(self.k, device=self.device)
+                for start in range(0, features.shape[0], 4096):
+                    gram.update(features[start:start + 4096].to(self.device))
             self._models.append({"features": features, "out_to_loss": column["out_to_loss"], "gram": gram})
         return self
 
@@ -192,7 +196,7 @@ class TRAK:
             if damping != "auto":
                 raise ValueError(f"damping: expected 'auto' or numbers, got {damping!r}")
             return gram.solve(rows, AUTO_DAMPING * gram.trace() / gram.count, relative=False)
-        if torch.as_tensor(damping).numel() > 1:
+        if torch.as_tensor(damping).numel() > 1 and isinstance(gram, GramAccumulator):
             gram.eigh()  # a sweep: one eigendecomposition, then every λ costs two products
         return gram.solve(rows, damping, relative=self.relative)
 
