@@ -52,6 +52,7 @@ class GroupRows:
     """Rows of a batch of n examples summed into `count` groups by `ids` [n] (groups may be empty).
 
     `sum(x)` and `concat(x, axis)` are the two ways (see the module docstring); both put group j in row j.
+    `concatenates` says whether concat is the cheaper one here (groups of similar sizes in this batch).
     """
 
     def __init__(self, ids: torch.Tensor, count: int):
@@ -65,6 +66,8 @@ class GroupRows:
         rank = torch.empty_like(ids)
         rank[order] = torch.arange(n, device=ids.device) - starts[ids[order]]
         self._slot = ids * self.width + rank  # example i's place in the [count · width] padded layout
+        # Padding to the largest group costs rows; past twice the examples', summing per-example products is cheaper.
+        self.concatenates = count * self.width <= 2 * n
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """[count, ...]: row j is the sum of the rows of x [n, ...] whose id is j."""

@@ -7,7 +7,8 @@ offset inside the flattened parameter, [n, c] values), so an Embedding can hand 
 its examples used, and, for weight matrices, its factored projection Σ_t (δ_t P_out)ᵀ(a_t P_in).
 Given `rows` (a GroupRows), pieces hold one row per group, the sum of its members' gradients: Linear and
 Conv2d weights lay a group's tokens end to end before the product, so no per-example weight gradient
-is formed; the other (small) pieces are summed per group.
+is formed (unless the batch's groups are so uneven that padding them costs more); the other (small)
+pieces are summed per group.
 
 A layer is supported only when its class keeps the stock forward (a subclass that overrides forward,
 as LoRA layers do, is not) and its direct parameters are the stock weight/bias.
@@ -41,8 +42,11 @@ class _LinearRule:
         d = _tokens(delta, n, m.out_features)
         if "weight" in wanted:
             x = _tokens(a, n, m.in_features)
-            dw, x = (d, x) if rows is None else (rows.concat(d, 1), rows.concat(x, 1))
-            yield "weight", 0, torch.bmm(dw.transpose(1, 2), x).reshape(x.shape[0], -1)
+            if rows is not None and rows.concatenates:
+                d_g, x_g = rows.concat(d, 1), rows.concat(x, 1)
+                yield "weight", 0, torch.bmm(d_g.transpose(1, 2), x_g).reshape(rows.count, -1)
+            else:
+                yield "weight", 0, _per_row(torch.bmm(d.transpose(1, 2), x).reshape(n, -1), rows)
         if "bias" in wanted:
             yield "bias", 0, _per_row(d.sum(1), rows)
 
@@ -70,8 +74,11 @@ class _Conv2dRule:
         d = delta.reshape(n, m.groups, m.out_channels // m.groups, -1)
         if "weight" in wanted:
             u = _Conv2dRule._unfold(m, a, n)
-            dw, u = (d, u) if rows is None else (rows.concat(d, 3), rows.concat(u, 3))
-            yield "weight", 0, torch.einsum("ngol,ngil->ngoi", dw, u).reshape(u.shape[0], -1)
+            if rows is not None and rows.concatenates:
+                d_g, u_g = rows.concat(d, 3), rows.concat(u, 3)
+                yield "weight", 0, torch.einsum("ngol,ngil->ngoi", d_g, u_g).reshape(rows.count, -1)
+            else:
+                yield "weight", 0, _per_row(torch.einsum("ngol,ngil->ngoi", d, u).reshape(n, -1), rows)
         if "bias" in wanted:
             yield "bias", 0, _per_row(d.sum(3).reshape(n, -1), rows)
 
