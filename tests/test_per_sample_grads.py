@@ -1,5 +1,7 @@
 """attrprims.per_sample_grads / project_grads: both paths against a loop of single-example backward passes."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -54,9 +56,18 @@ def test_per_sample_grads_match_loop(name, path, n):
     torch.testing.assert_close(torch.cat([g.reshape(n, -1) for g in grads.values()], 1), ref, rtol=1e-9, atol=1e-11)
 
 
+@pytest.fixture(params=["staged", "per layer"])
+def staging(request, monkeypatch):
+    """The layer path gathers a small batch's gradients for one projection call, or projects layer by layer."""
+    if request.param == "per layer":
+        # attrprims.per_sample_grads is also the function's name: the module is reached through importlib.
+        monkeypatch.setattr(importlib.import_module("attrprims.per_sample_grads"), "_STAGE_BUDGET", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lm"])
-def test_project_grads_equals_projected_materialised(name, path):
+def test_project_grads_equals_projected_materialised(name, path, staging):
     model, out, batch, layout, ref = expected(name, 3)
     projector = Projector(layout.p, 37, seed=5)
     matrix = projector.matrix().double()
@@ -86,7 +97,7 @@ GROUPINGS = [([0, 0, 0, 0, 0], 1), ([0, 1, 2, 3, 4], 5), ([2, 0, 2, 1, 0], 3), (
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", SETTINGS)
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_group_rows_are_sums_of_member_gradients(name, path, grouping):
+def test_group_rows_are_sums_of_member_gradients(name, path, grouping, staging):
     ids, count = torch.tensor(grouping[0]), grouping[1]
     model, out, batch, layout, ref = expected(name, 5)
     want = group_sums(ref, ids, count)
@@ -255,7 +266,7 @@ def test_argument_errors():
 
 
 @pytest.mark.parametrize("name", ["cnn", "lm"])
-def test_every_path_and_projector_on_each_device(device, name):
+def test_every_path_and_projector_on_each_device(device, name, staging):
     model, out, batch, layout, ref = expected(name, 3)
     model = model.to(device)
     batch = tuple(t.to(device) for t in batch)

@@ -46,6 +46,10 @@ PATHS = ("generic", "layer")
 FACTORED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 # Default parameter chunk of the generic projection: about 256 MiB of float32 per-example gradients.
 _CHUNK_BUDGET = 2**26
+# Most float32 elements (rows × p) of a batch's gradients the layer path gathers to project in one call (64 MiB).
+# One call instead of one per layer: each kernel call right after a torch op pays for torch's OpenMP threads
+# still spinning (about 1 ms on 2 cores), which dominates small models.
+_STAGE_BUDGET = 2**24
 
 
 def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path="generic", flat=False,
@@ -116,6 +120,8 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
         groups: as `per_sample_grads`: G rows, each group's summed gradient projected (the projection's work
             scales with G, not n).
     Returns: [n, k] (or [G, k]) float32 on the parameters' device.
+    Memory: on the layer path with a dense Projector, a batch whose rows × p is at most 2^24 has its gradients
+        gathered in float32 and projected in one call; larger ones are projected layer by layer.
     Raises: as `per_sample_grads`; ValueError naming `projector` if its p differs from the selection's.
     Determinism: chunks are summed in layout order, so equal inputs give equal results on a device; any
     chunking agrees with the unchunked projection to float32 rounding.
@@ -133,9 +139,15 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
     r = n if rows is None else rows.count
     out = torch.zeros((r, projector.k), dtype=torch.float32, device=device)
     kronecker = _kronecker_weights(model, layout) if factored else {}
+    staged = path == "layer" and not factored and r * layout.p <= _STAGE_BUDGET
+    stage = torch.zeros((r, layout.p), dtype=torch.float32, device=device) if staged else None
 
     def add(name, lo, values):
-        dense(kernel_float(values), layout.offset(name) + lo, out=out, accumulate=True)
+        start = layout.offset(name) + lo
+        if stage is not None:
+            stage[:, start:start + values.shape[1]] += values
+        else:
+            dense(kernel_float(values), start, out=out, accumulate=True)
 
     def add_weight(name, rule, module, a, delta):
         p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
@@ -155,6 +167,8 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
                 out.add_(_per_group(_rows(p_out.T @ g @ p_in), rows))
             else:
                 add(name, 0, _per_group(_rows(g), rows))
+    if stage is not None:
+        dense(stage, 0, out=out, accumulate=True)
     _check_finite_rows(r, [out], rows)
     return out
 
