@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def test_build_info_describes_the_build():
     assert info["version"] == attrprims.__version__
     assert info["cxx_compiler"] and info["cpu_kernels"] in {"avx2+fma", "generic"}
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_available"], str)
+    if sys.platform.startswith("linux"):  # torch's CPU wheels bring libgomp: the kernels share its threads
+        assert info["cpu_threads"] == "openmp team"
 
 
 def test_cuda_available_gives_a_reason():

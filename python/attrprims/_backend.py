@@ -82,8 +82,10 @@ def module_and_runner(entry: str, name: str, device: torch.device):
 
 
 def build_info() -> dict:
-    """Describe the build: version, C++ compiler, CPU kernel ISA, CUDA on/off with its compiler and archs."""
+    """Describe the build: version, C++ compiler, CPU kernel ISA and threads, CUDA on/off with its compiler and
+    archs."""
     info = dict(_core.build_info)
+    info["cpu_threads"] = _core.cpu_threads()
     info["torch"] = torch.__version__
     if _cuda is None:
         info["cuda"] = False

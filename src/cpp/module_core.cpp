@@ -12,6 +12,7 @@
 #include "attrprims/projection_cpu.h"
 #include "factored_projection_bindings.h"
 #include "gram_bindings.h"
+#include "parallel_cpu.h"
 #include "score_topk_bindings.h"
 #include "projection_bindings.h"
 
@@ -66,6 +67,9 @@ PYBIND11_MODULE(_core, m) {
       "flat index of the first NaN/Inf of x [rows, cols] (columns contiguous), or -1");
   m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
         "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
+  m.def(
+      "cpu_threads", [] { return openmp_team() != nullptr ? "openmp team" : "std::thread"; },
+      "where the CPU kernels run in parallel: the process's OpenMP team (torch's) when one is loaded");
 
   py::dict info;
   info["version"] = ATTRPRIMS_VERSION;
