@@ -9,7 +9,7 @@ from torch import nn
 import reference
 from attrprims import Projector, param_layout
 from attrprims.groups import expand
-from attrprims.methods import TRAK, GradCos, GradDot, InfluenceFunction, TracInCP
+from attrprims.methods import TRAK, GradCos, GradDot, InfluenceFunction, RepresenterPoints, TracInCP
 from attrprims.tasks import MultiClassClassification
 
 TASK = MultiClassClassification()
@@ -24,6 +24,7 @@ METHODS = {
     "tracin-generic": lambda net: TracInCP(net, TASK, learning_rates=[0.1, 0.3], path="generic", progress=False),
     "if-ggn": lambda net: InfluenceFunction(net, TASK, curvature="ggn", damping=1e-2, progress=False),
     "if-projected-fisher": lambda net: InfluenceFunction(net, TASK, proj_dim=20, damping=1e-2, progress=False),
+    "rps": lambda net: RepresenterPoints(net, TASK, l2=1e-2, progress=False),
 }
 
 
@@ -60,9 +61,9 @@ def test_groups_of_one_are_per_point_attribution(name):
     torch.testing.assert_close(ranked.top_values, scores.topk(3).values, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["grad-dot", "tracin-generic", "if-ggn"])
+@pytest.mark.parametrize("name", ["grad-dot", "tracin-generic", "if-ggn", "rps"])
 def test_a_group_scores_the_sum_of_its_members(name):
-    """Summed loss gradients under a fixed curvature: exactly linear in the members."""
+    """Summed loss gradients under a fixed curvature, or RPS's additive decomposition: linear in the members."""
     nets, train, test, states = setting()
     ids = random_groups(7)
     points = METHODS[name](nets[0]).featurize(train, states).score(test).double()

@@ -11,8 +11,10 @@ from ..per_sample_grads import per_sample_grads, project_grads
 from ..projection import Projector
 
 PROJECTION_KINDS = (*KIND_NAMES, "factored")
-# Most float32 elements of unprojected group sums (checkpoints × G × p) held to project once at the end: 512 MiB.
+# Most float32 elements of unprojected group sums (checkpoints × G × p) held to project once at the end: 512 MiB;
+# and the most parameters p for which a batch's unprojected group sums ([groups in the batch, p]) are formed.
 _DEFER_BUDGET = 2**27
+_DEFER_MAX_P = 2**18
 
 
 class GradientFeatures:
@@ -30,8 +32,9 @@ class GradientFeatures:
 
     Groups: `plan(groups, checkpoints)` before a pass with group ids decides where a dense projection is applied.
     Random groups spread over every batch, so projecting each batch's group sums would cost nearly one row per
-    example; instead the sums stay unprojected ([G, p] per checkpoint, when that fits _DEFER_BUDGET) and `finish`
-    projects each group once: G rows in all. A FactoredProjector's cost is per token, so it projects per batch.
+    example; instead the sums stay unprojected ([G, p] per checkpoint, when that fits _DEFER_BUDGET and p is at
+    most _DEFER_MAX_P) and `finish` projects each group once: G rows in all. A FactoredProjector's cost is per token,
+    so it projects per batch.
     """
 
     def __init__(self, model, *, params=None, proj_dim=None, seed=0, kind="rademacher", factors=None, path="layer"):
@@ -51,7 +54,7 @@ class GradientFeatures:
 
     def plan(self, groups, checkpoints: int) -> None:
         """Whether the coming pass with `groups` (a Groups, or None) over `checkpoints` defers its projection."""
-        self.deferred = (groups is not None and isinstance(self.projector, Projector)
+        self.deferred = (groups is not None and isinstance(self.projector, Projector) and self.layout.p <= _DEFER_MAX_P
                          and checkpoints * groups.count * self.layout.p <= _DEFER_BUDGET)
 
     def finish(self, sums: torch.Tensor, device) -> torch.Tensor:

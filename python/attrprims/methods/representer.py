@@ -15,6 +15,10 @@ checkpoints.
 The fine-tuning targets t_i are, by default, the checkpoint's own predicted probabilities (cross-entropy against
 soft labels), as in Yeh et al.'s implementation and dattri's, so that the fine-tuned layer stays the model's;
 targets="labels" uses the training labels instead.
+
+Groups (GGDA, `featurize(..., groups=ids)`): the decomposition is additive, so a group G scores
+Σ_{i∈G} α_{i,c} f_iᵀ f_z, the sum of its members' scores, through Σ_{i∈G} α_{i,c} f_i [C, G, d'] formed once. The
+fine-tuning itself needs every training example. A group's self-score is its score summed over its own members.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from .._batches import model_args
 from .._checks import check_int
+from .._group_rows import Groups
 from ..scoring import Ranked, score
 from ..tasks import BinaryClassification, MultiClassClassification, Task
 from ._checkpoints import CheckpointRunner
@@ -69,15 +74,22 @@ class RepresenterPoints:
         self.last_layer, self.l2, self.targets, self.max_iter, self.tol = last_layer, float(l2), targets, max_iter, tol
         self.binary = isinstance(task, BinaryClassification)
         self._fits: list[dict] = []  # per checkpoint: features [n, d'], labels [n], alpha [n, C], theta [C, d']
+        self.groups = None  # the Groups featurize was given
 
-    def featurize(self, train_loader: Iterable, checkpoints: Sequence):
-        """Last-layer inputs of the training set under every checkpoint, then each one's fine-tuning and α."""
+    def featurize(self, train_loader: Iterable, checkpoints: Sequence, *, groups=None):
+        """Last-layer inputs of the training set under every checkpoint, then each one's fine-tuning and α.
+
+        groups: ids [n_train] of a partition into G groups (attrprims.groups): score groups (module docstring).
+        """
+        self.groups = None if groups is None else Groups(groups)
         self.runner.load(checkpoints, train_loader)
         columns = self.runner.collect(train_loader, self._features, desc="featurize", argument="train_loader",
                                       leave=True)
         if not columns[0]["labelled"].all():
             raise ValueError("train_loader: expected labelled batches ((inputs, labels), or TextClassification's "
                              "layouts), got batches without labels")
+        if self.groups is not None:
+            self.groups.check_end(columns[0]["labels"].shape[0], "train_loader")
         self._fits = []
         for m, column in enumerate(columns):
             layer = self.runner.model.get_submodule(self.last_layer)
@@ -90,7 +102,7 @@ class RepresenterPoints:
         return self
 
     def score(self, test_loader: Iterable, *, topk=None, bottomk=None):
-        """Scores [m_test, n_train] (rows are targets), or a Ranked top/bottom-k per target.
+        """Scores [m_test, n_train] ([m_test, G] with groups; rows are targets), or a Ranked top/bottom-k per target.
 
         Equivalent to mean over checkpoints of α[:, c_z] · (F_train f_z) (times ±1 for binary), c_z the label of
         target z when its batch has one (batches (inputs, labels)), else the checkpoints' predicted class.
@@ -109,8 +121,7 @@ class RepresenterPoints:
         for c in columns.unique().tolist():
             rows = (columns == c).nonzero().flatten()
             a = torch.cat([t["features"][rows] * self._sign(classes[rows]).unsqueeze(1) for t in targets], 1)
-            weights = [fit["alpha"][:, c] / len(self._fits) for fit in self._fits]
-            b = torch.cat([fit["features"] * w.unsqueeze(1) for fit, w in zip(self._fits, weights)], 1)
+            b = torch.cat([self._train_side(fit, c) / len(self._fits) for fit in self._fits], 1)
             ranked = score(a.float(), None, b.float(), topk=topk, bottomk=bottomk)
             for name in parts:
                 if getattr(ranked, name) is not None:
@@ -121,13 +132,21 @@ class RepresenterPoints:
         return Ranked(**{name: torch.cat(v)[inverse] if v else None for name, v in parts.items()})
 
     def self_score(self) -> torch.Tensor:
-        """τ(x_i)_i [n_train]: α_{i,y_i} ‖f_i‖², averaged over checkpoints."""
+        """τ(x_i)_i [n_train]: α_{i,y_i} ‖f_i‖², averaged over checkpoints; with groups [G], each group's score
+        summed over its own members as targets (labelled y_i)."""
         self._checked()
         total = 0
         for fit in self._fits:
-            columns = self._columns(fit["labels"])
-            alpha = fit["alpha"].gather(1, columns.unsqueeze(1)).squeeze(1) * self._sign(fit["labels"])
-            total = total + alpha * (fit["features"] ** 2).sum(1)
+            labels, features = fit["labels"], fit["features"]
+            columns, sign = self._columns(labels), self._sign(labels)
+            values = torch.zeros(labels.shape[0], dtype=torch.float64)
+            for c in columns.unique().tolist():
+                rows = (columns == c).nonzero().flatten()
+                side = self._train_side(fit, c)[rows if self.groups is None else self.groups.ids[rows]]
+                values[rows] = sign[rows] * (features[rows] * side).sum(1)
+            if self.groups is not None:
+                values = values.new_zeros(self.groups.count).index_add_(0, self.groups.ids, values)
+            total = total + values
         return (total / len(self._fits)).float()
 
     def decompose(self, m: int, features: torch.Tensor) -> torch.Tensor:
@@ -201,9 +220,21 @@ class RepresenterPoints:
         return MultiClassClassification.loss(self.runner.task, logits, (None, targets))
 
     def _dense(self, fit, target, classes):
-        kernel = target["features"] @ fit["features"].T  # [m, n]
-        alpha = fit["alpha"][:, self._columns(classes)].T  # [m, n]: each target's class
-        return (alpha * kernel * self._sign(classes).unsqueeze(1)).float()
+        """[m, n] (or [m, G]) float32 scores of one checkpoint: per logit column c, its targets times its train side."""
+        columns = self._columns(classes)
+        signed = target["features"] * self._sign(classes).unsqueeze(1)
+        out = torch.zeros(columns.shape[0], fit["features"].shape[0] if self.groups is None else self.groups.count)
+        for c in columns.unique().tolist():
+            rows = (columns == c).nonzero().flatten()
+            out[rows] = (signed[rows] @ self._train_side(fit, c).T).float()
+        return out
+
+    def _train_side(self, fit, c):
+        """α_{i,c} f_i [n, d'] of logit column c, or with groups its sums Σ_{i∈G} α_{i,c} f_i [G, d'] (float64)."""
+        side = fit["features"] * fit["alpha"][:, c:c + 1]
+        if self.groups is None:
+            return side
+        return side.new_zeros((self.groups.count, side.shape[1])).index_add_(0, self.groups.ids, side)
 
     def _target_classes(self, targets):
         """c [m]: each target's label, or for unlabelled ones the argmax of the checkpoints' mean probabilities."""
