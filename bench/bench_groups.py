@@ -9,10 +9,11 @@ dropout 0.1, dattri's MNIST MLP recipe). Every method attributes all 297 test im
 projected to k = 2048: TRAK over 3 independently trained models (seeds 0-2), Grad-Dot and influence functions
 (the empirical Fisher of the projected gradients, damping 1e-2) on model 0.
 
-Rows: per-point attribution, then each grouping (attrprims.groups) at each group size s, G = ⌈n/s⌉ groups: `random`,
-`by_class` (split to the size), `input_kmeans`, `representation_kmeans` (inputs of the last Linear), `grad_kmeans`
-(the last layer's loss gradients, 650 per example, projected to 64), all from model 0; K-means sizes vary around s,
-except in "grad_kmeans balanced" (at most ⌈n/G⌉ members).
+Rows: random removal (the baseline of the fidelity columns); per method, per-point attribution, then each grouping
+(attrprims.groups) at each group size s, G = ⌈n/s⌉ groups: `random`, `by_class` (split to the size), `input_kmeans`,
+`representation_kmeans` (inputs of the last Linear), `grad_kmeans` (the last layer's loss gradients, 650 per example,
+projected to 64), all from model 0; K-means sizes vary around s, except in "grad_kmeans balanced" (at most ⌈n/G⌉
+members).
 
 Columns:
 - grouping s: computing the group ids (once). featurize s, score s: median of --repeat calls of featurize (the
@@ -134,7 +135,8 @@ def main():
             score_s.append(time.perf_counter() - t1)
         return statistics.median(featurize_s), statistics.median(score_s), scores, attributor.self_score()
 
-    rows = []
+    rows = [{"method": "(none)", "grouping": "random removal", "acc −top": random_acc, "acc −bottom": random_acc,
+             "fidelity kept": 0.0}]
     for method in methods:
         checkpoints = [m.state_dict() for m in (models if method == "TRAK" else models[:1])]
         noisy_checkpoints = [noisy_model.state_dict()] * len(checkpoints)
