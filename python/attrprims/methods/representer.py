@@ -17,8 +17,9 @@ soft labels), as in Yeh et al.'s implementation and dattri's, so that the fine-t
 targets="labels" uses the training labels instead.
 
 Groups (GGDA, `featurize(..., groups=ids)`): the decomposition is additive, so a group G scores
-Σ_{i∈G} α_{i,c} f_iᵀ f_z, the sum of its members' scores, through Σ_{i∈G} α_{i,c} f_i [C, G, d'] formed once. The
-fine-tuning itself needs every training example. A group's self-score is its score summed over its own members.
+Σ_{i∈G} α_{i,c} f_iᵀ f_z, the sum of its members' scores, through the sums Σ_{i∈G} α_{i,c} f_i [G, d'] per logit
+column c. The fine-tuning itself needs every training example. A group's self-score is its score summed over its own
+members.
 """
 
 from __future__ import annotations
