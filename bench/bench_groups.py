@@ -11,8 +11,8 @@ projected to k = 2048: TRAK over 3 independently trained models (seeds 0-2), Gra
 
 Rows: random removal (the baseline of the fidelity columns); per method, per-point attribution, then each grouping
 (attrprims.groups) at each group size s, G = ⌈n/s⌉ groups: `random`, `by_class` (split to the size), `input_kmeans`,
-`representation_kmeans` (inputs of the last Linear), `grad_kmeans` (the last layer's loss gradients, 650 per example,
-projected to 64), all from model 0; K-means sizes vary around s, except in "grad_kmeans balanced" (at most ⌈n/G⌉
+`representation_kmeans` (inputs of the last Linear), `grad_kmeans` (its defaults: the last layer's loss gradients,
+650 per example, projected to 64), all from model 0; K-means sizes vary around s, except in "grad_kmeans balanced" (at most ⌈n/G⌉
 members).
 
 Columns:
@@ -62,10 +62,9 @@ GROUPINGS = {
     "input_kmeans": lambda n, x, y, model, loader, size: grouping.input_kmeans(x, size=size),
     "representation_kmeans": lambda n, x, y, model, loader, size: grouping.representation_kmeans(
         model, loader, layer=LAST, size=size),
-    "grad_kmeans": lambda n, x, y, model, loader, size: grouping.grad_kmeans(
-        model, TASK, loader, size=size, proj_dim=64, params=[f"{LAST}.weight", f"{LAST}.bias"]),
+    "grad_kmeans": lambda n, x, y, model, loader, size: grouping.grad_kmeans(model, TASK, loader, size=size),
     "grad_kmeans balanced": lambda n, x, y, model, loader, size: grouping.grad_kmeans(
-        model, TASK, loader, size=size, balanced=True, proj_dim=64, params=[f"{LAST}.weight", f"{LAST}.bias"]),
+        model, TASK, loader, size=size, balanced=True),
 }
 COLUMNS = ["method", "grouping", "size", "G", "grouping s", "featurize s", "score s", "featurize ×", "total ×",
            "acc −top", "fidelity kept", "acc −bottom", "noisy AUC"]

@@ -184,14 +184,16 @@ def test_grad_kmeans_groups_the_gradient_features():
     model, batches = _mlp_data()
     task = MultiClassClassification()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for proj_dim in (8, None):
-        ids = groups.grad_kmeans(model, task, batches, size=4, seed=3, proj_dim=proj_dim, balanced=True)
+    last = [name for name, _ in model.named_parameters()][-2:]  # the last Linear's weight and bias: the default
+    for proj_dim, params, p in [(8, None, 6 * 3 + 3), (None, None, 6 * 3 + 3), (8, "all", 4 * 6 + 6 + 6 * 3 + 3)]:
+        ids = groups.grad_kmeans(model, task, batches, size=4, seed=3, proj_dim=proj_dim, balanced=True,
+                                 params=[n for n, _ in model.named_parameters()] if params else None)
         _assert_partition(ids, 23, 6)
         model.eval()
-        features = GradientFeatures(model, proj_dim=proj_dim, seed=3)
+        features = GradientFeatures(model, params=None if params else last, proj_dim=proj_dim, seed=3)
         direct = torch.cat([features(model, task.loss, batch, task.inputs) for batch in batches])
         model.train()
-        assert direct.shape == (23, 8 if proj_dim else 4 * 6 + 6 + 6 * 3 + 3)
+        assert direct.shape == (23, proj_dim or p)
         assert torch.equal(ids, groups.kmeans(direct, size=4, seed=3, balanced=True))
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -262,4 +264,6 @@ def test_model_errors_name_the_argument():
         groups.grad_kmeans(model, task, [], size=2)
     with pytest.raises(ValueError, match="size"):
         groups.grad_kmeans(model, task, batches, size=0)
+    with pytest.raises(ValueError, match="params: model has no nn.Linear"):
+        groups.grad_kmeans(nn.Sequential(nn.Conv1d(1, 2, 1), nn.Flatten()), task, batches, size=2)
     assert model.training

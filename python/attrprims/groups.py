@@ -13,12 +13,12 @@ import contextlib
 import copy
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._batches import model_args
 from ._checks import check_finite, check_int, check_seed, check_tensor, dtype_name
 from ._group_rows import _INTEGERS, group_ids
+from ._layers import last_linear
 from .tasks import Task
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -90,10 +90,7 @@ def representation_kmeans(model, loader, *, layer=None, size, seed=0, balanced=F
     _check_options(size, seed, balanced)
     modules = dict(model.named_modules())
     if layer is None:
-        linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-        if not linear:
-            raise ValueError("layer: model has no nn.Linear; name the layer whose inputs to group by")
-        layer = linear[-1]
+        layer = last_linear(model, "layer")
     if layer not in modules:
         raise ValueError(f"layer: expected a name in model.named_modules(), got {layer!r}")
     captured, parts = [], []
@@ -115,14 +112,15 @@ def representation_kmeans(model, loader, *, layer=None, size, seed=0, balanced=F
     return _kmeans("model", torch.cat(parts), size, seed, balanced, 50)
 
 
-def grad_kmeans(model, task, loader, *, size, seed=0, balanced=False, proj_dim=256, params=None) -> torch.Tensor:
+def grad_kmeans(model, task, loader, *, size, seed=0, balanced=False, proj_dim=64, params=None) -> torch.Tensor:
     """Grad-K-Means: K-means on each training example's projected loss gradient.
 
     Equivalent to `kmeans(cat([GradientFeatures(model, params=params, proj_dim=proj_dim, seed=seed)(model,
     task.loss, batch, task.inputs) for batch in loader]), ...)`, the model in eval mode (its modes are restored
     afterward) and batches moved to its device; `task` is prepared on a copy (Task.prepare).
     Args: task: an attrprims.tasks.Task. loader: iterable of batches, in order. proj_dim: k (>= 1), or None for the
-        flat gradients. params: names or tensors of `model` (default: every parameter requiring grad).
+        flat gradients. params: names or tensors of `model` (default: the parameters of its last nn.Linear, whose
+        gradients, error times representation, are cheap and grouped best in bench/bench_groups.py).
         size, seed (also the projection's), balanced: as `kmeans`.
     Returns: ids [n] int64 on the CPU. Raises: ValueError/TypeError naming the argument.
     """
@@ -133,6 +131,9 @@ def grad_kmeans(model, task, loader, *, size, seed=0, balanced=False, proj_dim=2
     _check_options(size, seed, balanced)
     if proj_dim is not None:
         check_int("proj_dim", proj_dim, 1)
+    if params is None:
+        last = last_linear(model, "params")
+        params = [f"{last}.{name}" if last else name for name, _ in model.get_submodule(last).named_parameters()]
     features = GradientFeatures(model, params=params, proj_dim=proj_dim, seed=seed)
     with _eval_mode(model):
         task = copy.deepcopy(task)

@@ -33,6 +33,7 @@ from torch import nn
 from .._batches import model_args
 from .._checks import check_int
 from .._group_rows import Groups
+from .._layers import last_linear
 from ..scoring import Ranked, score
 from ..tasks import BinaryClassification, MultiClassClassification, Task
 from ._checkpoints import CheckpointRunner
@@ -65,10 +66,7 @@ class RepresenterPoints:
             raise ValueError(f"tol: expected a number >= 0, got {tol!r}")
         modules = dict(model.named_modules())
         if last_layer is None:
-            linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-            if not linear:
-                raise ValueError("last_layer: model has no nn.Linear")
-            last_layer = linear[-1]
+            last_layer = last_linear(model, "last_layer")
         if not isinstance(modules.get(last_layer), nn.Linear):
             raise ValueError(f"last_layer: expected the name of an nn.Linear of model, got {last_layer!r}")
         self.runner = CheckpointRunner(model, task, device, progress)
