@@ -38,6 +38,11 @@ def model_args(inputs, batch) -> tuple[tuple, dict]:
                     f"{type(x).__name__}; pass inputs=batch -> model arguments for other layouts")
 
 
+def to_device(batch, device):
+    """`batch` with every tensor in it (at any depth of tuples, lists, mappings) moved to `device` (None: stays)."""
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
 @contextlib.contextmanager
 def requiring_grad(tensors):
     """Temporarily set requires_grad on parameters selected while frozen."""

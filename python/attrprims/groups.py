@@ -13,9 +13,8 @@ import contextlib
 import copy
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ._batches import model_args
+from ._batches import model_args, to_device
 from ._checks import check_finite, check_int, check_seed, check_tensor, dtype_name
 from ._group_rows import _INTEGERS, group_ids
 from ._layers import last_linear
@@ -95,10 +94,11 @@ def representation_kmeans(model, loader, *, layer=None, size, seed=0, balanced=F
         raise ValueError(f"layer: expected a name in model.named_modules(), got {layer!r}")
     captured, parts = [], []
     handle = modules[layer].register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+    device = _device_of(model)
     try:
         with _eval_mode(model), torch.no_grad():
             for batch in loader:
-                args, kwargs = model_args(inputs, _on(batch, model))
+                args, kwargs = model_args(inputs, to_device(batch, device))
                 model(*args, **kwargs)
                 if len(captured) != 1:
                     raise ValueError(f"layer: expected {layer!r} to be called once per forward, got "
@@ -135,10 +135,11 @@ def grad_kmeans(model, task, loader, *, size, seed=0, balanced=False, proj_dim=6
         last = last_linear(model, "params")
         params = [f"{last}.{name}" if last else name for name, _ in model.get_submodule(last).named_parameters()]
     features = GradientFeatures(model, params=params, proj_dim=proj_dim, seed=seed)
+    device = _device_of(model)
     with _eval_mode(model):
         task = copy.deepcopy(task)
         task.prepare(model, loader)
-        parts = [features(model, task.loss, _on(batch, model), task.inputs) for batch in loader]
+        parts = [features(model, task.loss, to_device(batch, device), task.inputs) for batch in loader]
     if not parts:
         raise ValueError("loader: expected at least one batch, got none")
     return _kmeans("model", torch.cat(parts), size, seed, balanced, 50)
@@ -298,9 +299,7 @@ def _eval_mode(model):
             module.training = training
 
 
-def _on(batch, model):
-    """`batch` with its tensors on the device of the model's first parameter (unchanged for a model without any)."""
+def _device_of(model):
+    """The device of the model's first parameter, or None (batches stay where they are) for a model without any."""
     param = next(model.parameters(), None)
-    if param is None:
-        return batch
-    return pytree.tree_map(lambda t: t.to(param.device) if isinstance(t, torch.Tensor) else t, batch)
+    return None if param is None else param.device

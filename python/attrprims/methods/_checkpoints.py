@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from .._batches import batch_size
+from .._batches import batch_size, to_device
 from .._group_rows import Groups
 from .._progress import Progress
 from ..store import FeatureStore
@@ -75,7 +75,7 @@ class CheckpointRunner:
         start = 0
         with Progress(self.progress, _len(loader), desc, "batch", leave=leave) as bar:
             for batch in loader:
-                batch = _to(batch, self.device)
+                batch = to_device(batch, self.device)
                 if groups is not None:
                     used, local = groups.of_batch(start, batch_size(batch), argument)
                     start += local.shape[0]
@@ -127,7 +127,7 @@ class CheckpointRunner:
                 lo, hi = rows[b], rows[b + 1]
                 todo = [m for m in range(len(ids)) if hi > lo and not any(a <= lo and hi <= e for a, e in done[m])]
                 if todo:
-                    batch = _to(batch, self.device)
+                    batch = to_device(batch, self.device)
                     extra = () if spans is None else (spans[b][1].to(self.device),)
                 for m in todo:
                     self.use(m)
@@ -163,16 +163,6 @@ def _digest(state: dict) -> str:
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _batch_sizes(loader) -> list[int]:
