@@ -30,3 +30,12 @@ def _cuda_param():
 def device(request):
     """Each kernel test runs on the CPU and, where CUDA kernels can run, on cuda."""
     return torch.device(request.param)
+
+
+@pytest.fixture(params=attrprims.build_info()["cpu_kernels_supported"])
+def cpu_isa(request):
+    """The test runs under each CPU kernel build this machine can run (generic, avx2, avx512); the one in use
+    before comes back afterwards."""
+    previous = attrprims.set_cpu_kernels(request.param)
+    yield request.param
+    attrprims.set_cpu_kernels(previous)

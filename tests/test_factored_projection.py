@@ -64,6 +64,12 @@ def test_projected_dims(device, k_in, k_out):
     check(*inputs(2, 9, 7, 9, k_in, k_out, device=device, seed=k_in * 100 + k_out))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_build(cpu_isa, dtype):
+    """Each instruction set's kernels (this family has generic and AVX2 builds; AVX-512 machines run the AVX2 one)."""
+    check(*inputs(5, 37, 19, 23, 17, 33, dtype=dtype, seed=5))
+
+
 def test_several_output_tiles(device):
     """k past the CUDA 64 x 64 tiles and the CPU 16-column panels, one example (the CPU splits it over threads)."""
     check(*inputs(1, 70, 5, 6, 70, 130, device=device))

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import attrprims
 import reference
 from attrprims import GramAccumulator
 from attrprims.gram import FeatureGram
@@ -55,6 +56,31 @@ def test_shapes(device, b, k):
 def test_dtypes(device, dtype, acc_dtype):
     x = features(300, 61, dtype, device, seed=3)
     assert_gram_close(GramAccumulator(61, dtype=acc_dtype, device=device).update(x), [x])
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (7, 13), (257, 33), (300, 127), (37, 301)])
+@pytest.mark.parametrize("acc_dtype", [torch.float64, torch.float32])
+def test_every_cpu_build(cpu_isa, b, k, acc_dtype):
+    """Each instruction set's kernel (AVX-512 pairs row panels: odd and even panel counts, ragged last panels)."""
+    x = features(b, k, seed=b + k)
+    assert_gram_close(GramAccumulator(k, dtype=acc_dtype).update(x), [x])
+
+
+@given(b=st.integers(0, 300), k=st.integers(1, 140), seed=st.integers(0, 2**16))
+def test_cpu_builds_agree_bitwise(b, k, seed):
+    """One fused multiply-add per row in every SIMD build, in the same order: the same bits from AVX2 and AVX-512
+    (and from the generic build for float32 input, whose products are exact in float64)."""
+    x = features(b, k, seed=seed)
+    builds = attrprims.build_info()["cpu_kernels_supported"]
+    results = []
+    for isa in builds:
+        previous = attrprims.set_cpu_kernels(isa)
+        try:
+            results.append(GramAccumulator(k).update(x).finalize())
+        finally:
+            attrprims.set_cpu_kernels(previous)
+    for isa, g in zip(builds, results):
+        assert torch.equal(g, results[0]), isa
 
 
 def test_large_k_crosses_tiles(device):

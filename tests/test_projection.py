@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import attrprims
 import reference
 import strategies
 from attrprims import Projector, _core, project, project_transpose
@@ -126,6 +127,28 @@ def test_project_rademacher_sign_tables(n, c, k, offset, dtype):
     again = torch.full_like(out, 0.5)
     project(x, k, seed=c, kind="rademacher", offset=offset, out=again, accumulate=True)
     torch.testing.assert_close(again, out + 0.5, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,k", [(1, 256), (9, 263), (16, 300), (17, 129), (33, 1024)])
+def test_every_cpu_build(cpu_isa, kind, n, k):
+    """Each instruction set's kernels (sign tables take 8 or 16 examples a block) against float64."""
+    check_project(torch.randn(n, 203), k, seed=n + k, kind=kind, offset=77)
+
+
+@given(seed=strategies.seeds, n=st.integers(1, 40), c=st.integers(1, 90), k=st.integers(256, 700))
+def test_cpu_builds_agree_bitwise(seed, n, c, k):
+    """The Rademacher sign tables sum every example's terms in the same order whatever the build: same bits."""
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(seed))
+    results = []
+    for isa in attrprims.build_info()["cpu_kernels_supported"]:
+        previous = attrprims.set_cpu_kernels(isa)
+        try:
+            results.append(project(x, k, seed=seed, kind="rademacher"))
+        finally:
+            attrprims.set_cpu_kernels(previous)
+    for out in results[1:]:
+        assert torch.equal(out, results[0])
 
 
 @pytest.mark.parametrize("k", [2**16, 2**16 + 1])

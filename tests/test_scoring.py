@@ -76,6 +76,16 @@ def test_features_and_dtypes(device, k, dtype):
     assert_ranked_close(r.bottom_values, r.bottom_indices, ref, scale, 4, False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_build(cpu_isa, dtype):
+    """Each instruction set's kernels (generic and AVX2 builds; AVX-512 machines run the AVX2 one)."""
+    phi_test, K, phi_train, w = inputs(11, 301, 37, dtype, seed=11)
+    ref, scale = reference.scores(phi_test, K, phi_train, w), bound(phi_test, K, phi_train, w)
+    r = score(phi_test, K, phi_train, train_weights=w, topk=9, bottomk=3, block=97)
+    assert_ranked_close(r.top_values, r.top_indices, ref, scale, 9, True)
+    assert_ranked_close(r.bottom_values, r.bottom_indices, ref, scale, 3, False)
+
+
 def test_exact_ties_go_to_the_smaller_index(device):
     """Integer features make every score exact, with many ties: the result must equal the reference exactly."""
     g = torch.Generator().manual_seed(1)

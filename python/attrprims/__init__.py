@@ -1,10 +1,11 @@
 """attrprims: fast, composable primitives for training-data attribution.
 
 Primitives take and return torch tensors and run compiled C++ (CPU) or CUDA kernels; methods and metrics
-are composed from them. `build_info()` says what was built, `cuda_available()` whether CUDA kernels can run.
+are composed from them. `build_info()` says what was built, `cuda_available()` whether CUDA kernels can run, `set_cpu_kernels` picks
+the CPU kernels' instruction set.
 """
 
-from ._backend import CudaStatus, build_info, cuda_available
+from ._backend import CudaStatus, build_info, cuda_available, set_cpu_kernels
 from ._core import build_info as _core_info
 from . import ensemble
 from .ensemble import EnsembleAccumulator
@@ -31,4 +32,4 @@ __all__ = ["BinaryClassification", "ContrastiveImageText", "CudaStatus", "Ensemb
            "Projector", "Ranked", "RepresenterPoints", "SOLVERS", "TRAK", "Task", "TextClassification", "TracInCP",
            "__version__", "build_info", "cuda_available", "ensemble", "ggn_vp", "groups", "hvp", "ihvp_solver",
            "methods", "metrics", "param_layout", "per_sample_grads", "project", "project_factored", "project_grads",
-           "project_transpose", "score"]
+           "project_transpose", "score", "set_cpu_kernels"]

@@ -1,13 +1,16 @@
 """Load the compiled modules and say which devices can run attrprims kernels, and why not.
 
 `_core` (CPU) is required. `_cuda` is optional: when it is missing or cannot run, CUDA tensors given to an
-op raise an error with the reason; nothing falls back silently to the CPU.
+op raise an error with the reason; nothing falls back silently to the CPU. The CPU kernels run with the best
+instruction set this CPU has (generic, avx2, avx512); `set_cpu_kernels` or the environment variable
+ATTRPRIMS_CPU_KERNELS picks a lower one, to compare or to test the builds.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import NamedTuple
 
 import torch
@@ -22,6 +25,22 @@ except ImportError as error:  # not built, or built but unloadable
     _CUDA_IMPORT_ERROR: ImportError | None = error
 else:
     _CUDA_IMPORT_ERROR = None
+
+
+def set_cpu_kernels(isa: str) -> str:
+    """Run the CPU kernels with instruction set `isa` ("generic", "avx2" or "avx512", if this CPU has it) from now
+    on, in the whole process; returns the one used before. Every build gives the same results as the others to
+    float rounding (avx2 and avx512 bitwise, for the projection and the Gram update)."""
+    if not isinstance(isa, str):
+        raise TypeError(f"isa: expected a string, one of {_core.cpu_kernels_supported()}, got {type(isa).__name__}")
+    return _core.set_cpu_kernels(isa)
+
+
+if os.environ.get("ATTRPRIMS_CPU_KERNELS"):
+    try:
+        set_cpu_kernels(os.environ["ATTRPRIMS_CPU_KERNELS"])
+    except ValueError as error:
+        raise ImportError(f"ATTRPRIMS_CPU_KERNELS: {error}") from None
 
 
 class CudaStatus(NamedTuple):
@@ -85,6 +104,8 @@ def build_info() -> dict:
     """Describe the build: version, C++ compiler, CPU kernel ISA and threads, CUDA on/off with its compiler and
     archs."""
     info = dict(_core.build_info)
+    info["cpu_kernels"] = _core.cpu_kernels()
+    info["cpu_kernels_supported"] = _core.cpu_kernels_supported()
     info["cpu_threads"] = _core.cpu_threads()
     info["torch"] = torch.__version__
     if _cuda is None:

@@ -63,22 +63,34 @@ def check_seed(seed) -> int:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise if `t` holds NaN or Inf, naming the first offending position.
-
-    CPU matrices with a contiguous last dimension are scanned by a single-threaded compiled loop: a torch op
-    here would leave torch's OpenMP workers spinning while the kernel that follows starts its own threads."""
-    if t.device.type == "cpu" and t.dim() == 2 and t.dtype in _SCAN_TAGS and (t.shape[1] <= 1 or t.stride(1) == 1):
-        rows, cols = t.shape
-        flat = _core.find_non_finite_cpu(t.data_ptr(), getattr(_core.DType, _SCAN_TAGS[t.dtype]), rows, cols,
-                                         t.stride(0) if rows > 1 else max(cols, 1))
+    """Raise if `t` holds NaN or Inf, naming the first offending position."""
+    flat = _scan_non_finite(t)
+    if flat is not None:
         if flat < 0:
             return
-        index = (flat // cols, flat % cols)
+        index = (flat // t.shape[1], flat % t.shape[1])
         raise ValueError(f"{name}: expected finite values, found {t[index].item()} at {list(index)}")
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: expected finite values, found {t[index].item()} at {list(index)}")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN or Inf."""
+    flat = _scan_non_finite(t)
+    return bool(torch.isfinite(t).all()) if flat is None else flat < 0
+
+
+def _scan_non_finite(t: torch.Tensor) -> int | None:
+    """The flat index of the first NaN/Inf of a CPU matrix with a contiguous last dimension (-1: none), by a
+    compiled single-threaded loop, or None for other tensors. A torch op here would leave torch's OpenMP workers
+    spinning while the kernel that follows starts its own threads."""
+    if t.device.type != "cpu" or t.dim() != 2 or t.dtype not in _SCAN_TAGS or (t.shape[1] > 1 and t.stride(1) != 1):
+        return None
+    rows, cols = t.shape
+    return _core.find_non_finite_cpu(t.data_ptr(), getattr(_core.DType, _SCAN_TAGS[t.dtype]), rows, cols,
+                                     t.stride(0) if rows > 1 else max(cols, 1))
 
 
 def check_out(out, shape: tuple[int, int], device: torch.device, dims: str) -> None:

@@ -65,6 +65,7 @@ class GramAccumulator:
         self.count = 0
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
         self._factors: dict[float, torch.Tensor] = {}  # Cholesky factors of G + λI by λ, until the next change
+        self._lower: torch.Tensor | None = None  # mask of the lower triangle, made when first needed
 
     def update(self, phi: torch.Tensor) -> "GramAccumulator":
         """Add φᵀφ for a batch φ [b, k] (float32|float16|bfloat16|float64, on `device`); NaN/Inf raise."""
@@ -153,8 +154,9 @@ class GramAccumulator:
             for lam in lambdas.tolist():
                 if lam not in self._factors:  # G is mirrored only when a factor must be made
                     g = self._symmetric() if g is None else g
-                    eye = torch.eye(self.k, dtype=torch.float64, device=self.device)
-                    factor, info = torch.linalg.cholesky_ex(g + lam * eye)
+                    shifted = g.clone()
+                    shifted.diagonal().add_(lam)
+                    factor, info = torch.linalg.cholesky_ex(shifted)
                     self._check_nonsingular(bool(info != 0), damping)
                     self._factors[lam] = factor
                 solutions.append(torch.cholesky_solve(rows.T, self._factors[lam]).T)
@@ -190,9 +192,11 @@ class GramAccumulator:
             self._comp.copy_(self._g.double() - total)
 
     def _symmetric(self) -> torch.Tensor:
-        """The full symmetric G in float64, mirrored from the lower triangle the kernels maintain."""
-        lower = torch.tril(self._exact())
-        return lower + torch.tril(lower, -1).T
+        """The full symmetric G in float64, mirrored from the lower triangle the kernels maintain (one pass)."""
+        exact = self._g if self._comp is None else self._exact()  # where() copies: no clone needed
+        if self._lower is None:
+            self._lower = torch.ones((self.k, self.k), dtype=torch.bool, device=self.device).tril_()
+        return torch.where(self._lower, exact, exact.T)
 
     def __repr__(self) -> str:
         return f"GramAccumulator(k={self.k}, dtype={dtype_name(self.dtype)}, device={self.device}, count={self.count})"
@@ -244,8 +248,9 @@ class FeatureGram:
         else:
             lam = float(lambdas[0])
             if lam not in self._factors:
-                eye = torch.eye(self.count, dtype=torch.float64, device=self.device)
-                self._factors[lam] = torch.linalg.cholesky(self._kernel + lam * eye)
+                shifted = self._kernel.clone()
+                shifted.diagonal().add_(lam)
+                self._factors[lam] = torch.linalg.cholesky(shifted)
             inner = torch.cholesky_solve(coefficients.T, self._factors[lam]).T[None]
         out = (rows[None] - inner @ self.features) / lambdas[:, None, None]
         out = out.reshape(len(lambdas), *rhs.shape)

@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from ._batches import batch_size, model_args, requiring_grad
-from ._checks import kernel_float
+from ._checks import all_finite, kernel_float
 from ._group_rows import GroupRows, group_ids
 from ._layer_rules import rule_for, uses_batch_statistics
 from .factored_projector import FactoredProjector
@@ -333,23 +333,14 @@ def _chunks(layout: ParamLayout, names, budget: int):
 def _check_finite_rows(n: int, tensors, grouped: GroupRows | None = None) -> None:
     """Raise naming the examples (or groups, given `grouped`) whose values in any of `tensors` [n, ...] are NaN or
     Inf."""
-    bad = None
-    for t in tensors:
-        if not t.numel():
-            continue
-        t = t.reshape(n, -1)
-        # A row's sum is finite when its values are (one cheap pass); only the other rows are looked at closely,
-        # since a sum can also overflow.
-        suspect = (~torch.isfinite(t.sum(1))).nonzero().flatten()
-        rows = torch.zeros(n, dtype=torch.bool, device=t.device)
-        rows[suspect] = ~torch.isfinite(t[suspect]).all(1)
-        bad = rows if bad is None else bad | rows
-    bad = [] if bad is None else bad.nonzero().flatten().tolist()
-    if bad:
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        what = "examples" if grouped is None else "groups"
-        raise ValueError(f"batch: the gradients of {what} {bad[:10]}{more} are not finite (NaN or Inf in the "
-                         "output or its gradient)")
+    tensors = [t.reshape(n, -1) for t in tensors if t.numel()]
+    if all(all_finite(t) for t in tensors):  # the common case, by one compiled scan each
+        return
+    bad = sum((~torch.isfinite(t).all(1)).int() for t in tensors).nonzero().flatten().tolist()
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    what = "examples" if grouped is None else "groups"
+    raise ValueError(f"batch: the gradients of {what} {bad[:10]}{more} are not finite (NaN or Inf in the output or "
+                     "its gradient)")
 
 
 def _device(model: nn.Module, layout: ParamLayout) -> torch.device:

@@ -13,7 +13,8 @@ namespace attrprims {
 namespace {
 
 const GramCpuKernelTable& kernels() {
-  return select_cpu_kernels(kGramCpuKernelsGeneric, AP_AVX2_TABLE(kGramCpuKernelsAvx2));
+  return select_cpu_kernels(kGramCpuKernelsGeneric, AP_AVX2_TABLE(kGramCpuKernelsAvx2),
+                            AP_AVX512_TABLE(kGramCpuKernelsAvx512));
 }
 
 constexpr int64_t kMaxDepth = 256;            // rows of X per pass: a column panel (16 KiB) stays in L1
@@ -22,12 +23,27 @@ constexpr int64_t kRowsPerUnit = 96;            // rows of G per work unit (16 m
 
 std::string got(int64_t v) { return ", got " + std::to_string(v); }
 
-double load_double(const void* base, DType dt, int64_t idx) {
+/// dst[0:n] = double(src[0:n]) for n elements of dtype dt.
+template <typename Convert>
+void convert_run(const void* src, int64_t n, double* dst, Convert convert) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = convert(src, c);
+}
+
+void load_doubles(const void* base, DType dt, int64_t idx, int64_t n, double* dst) {
   switch (dt) {
-    case DType::f64: return static_cast<const double*>(base)[idx];
-    case DType::f32: return static_cast<const float*>(base)[idx];
-    case DType::f16: return f16_bits_to_float(static_cast<const uint16_t*>(base)[idx]);
-    default: return bf16_bits_to_float(static_cast<const uint16_t*>(base)[idx]);
+    case DType::f64:
+      std::copy_n(static_cast<const double*>(base) + idx, n, dst);
+      return;
+    case DType::f32:
+      std::copy_n(static_cast<const float*>(base) + idx, n, dst);
+      return;
+    case DType::f16:
+      convert_run(static_cast<const uint16_t*>(base) + idx, n, dst,
+                  [](const void* p, int64_t c) { return double(f16_bits_to_float(static_cast<const uint16_t*>(p)[c])); });
+      return;
+    default:
+      convert_run(static_cast<const uint16_t*>(base) + idx, n, dst,
+                  [](const void* p, int64_t c) { return double(bf16_bits_to_float(static_cast<const uint16_t*>(p)[c])); });
   }
 }
 
@@ -35,10 +51,9 @@ double load_double(const void* base, DType dt, int64_t idx) {
 void pack_panel(const GramUpdateArgs& a, int64_t r0, int64_t depth, int64_t j0, int64_t width, double* dst) {
   const int64_t nj = std::min(width, a.k - j0);
   for (int64_t r = 0; r < depth; ++r) {
-    const int64_t src = (r0 + r) * a.x_row_stride + j0;
     double* d = dst + r * width;
-    for (int64_t c = 0; c < nj; ++c) d[c] = load_double(a.x, a.x_dtype, src + c);
-    for (int64_t c = nj; c < width; ++c) d[c] = 0.0;
+    load_doubles(a.x, a.x_dtype, (r0 + r) * a.x_row_stride + j0, nj, d);
+    std::fill(d + nj, d + width, 0.0);
   }
 }
 

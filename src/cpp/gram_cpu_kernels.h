@@ -29,5 +29,8 @@ extern const GramCpuKernelTable kGramCpuKernelsGeneric;
 #if defined(ATTRPRIMS_HAVE_AVX2)
 extern const GramCpuKernelTable kGramCpuKernelsAvx2;
 #endif
+#if defined(ATTRPRIMS_HAVE_AVX512)
+extern const GramCpuKernelTable kGramCpuKernelsAvx512;
+#endif
 
 }  // namespace attrprims

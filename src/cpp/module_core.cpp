@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 #include <thread>
 
 #include "attrprims/factored_projection_cpu.h"
@@ -12,6 +13,7 @@
 #include "attrprims/projection_cpu.h"
 #include "factored_projection_bindings.h"
 #include "gram_bindings.h"
+#include "cpu_isa.h"
 #include "parallel_cpu.h"
 #include "score_topk_bindings.h"
 #include "projection_bindings.h"
@@ -68,6 +70,32 @@ PYBIND11_MODULE(_core, m) {
   m.def("philox4x32_10", &philox, py::arg("counters"), py::arg("key"),
         "Philox-4x32-10 of each counter row [N, 4] under a 64-bit key");
   m.def(
+      "cpu_kernels", [] { return cpu_isa_name(cpu_isa_active()); },
+      "the instruction set the CPU kernels run with now: generic, avx2 or avx512");
+  m.def(
+      "cpu_kernels_supported",
+      [] {
+        py::list names;
+        for (int level = 0; level <= static_cast<int>(cpu_isa_supported()); ++level)
+          names.append(cpu_isa_name(static_cast<CpuIsa>(level)));
+        return names;
+      },
+      "the instruction sets this build can run on this CPU, lowest first");
+  m.def(
+      "set_cpu_kernels",
+      [](const std::string& name) {
+        const char* previous = cpu_isa_name(cpu_isa_active());
+        for (int level = 0; level <= static_cast<int>(cpu_isa_supported()); ++level) {
+          if (name == cpu_isa_name(static_cast<CpuIsa>(level))) {
+            set_cpu_isa(static_cast<CpuIsa>(level));
+            return previous;
+          }
+        }
+        throw py::value_error("isa: expected one of the instruction sets this build can run here (see "
+                              "cpu_kernels_supported()), got '" + name + "'");
+      },
+      py::arg("isa"), "run the CPU kernels with `isa` from now on; returns the one used before");
+  m.def(
       "cpu_threads", [] { return openmp_team() != nullptr ? "openmp team" : "std::thread"; },
       "where the CPU kernels run in parallel: the process's OpenMP team (torch's) when one is loaded");
 
@@ -75,7 +103,6 @@ PYBIND11_MODULE(_core, m) {
   info["version"] = ATTRPRIMS_VERSION;
   info["cxx_compiler"] = ATTRPRIMS_CXX_COMPILER;
   info["build_type"] = ATTRPRIMS_BUILD_TYPE;
-  info["cpu_kernels"] = cpu_kernels_isa();
   info["hardware_threads"] = std::thread::hardware_concurrency();
   m.attr("build_info") = info;
 }

@@ -14,9 +14,9 @@ template <typename Bits, typename Bad>
 int64_t scan(const void* x, int64_t rows, int64_t cols, int64_t row_stride, Bad bad) {
   for (int64_t r = 0; r < rows; ++r) {
     const Bits* row = static_cast<const Bits*>(x) + r * row_stride;
-    bool any = false;
-    for (int64_t c = 0; c < cols; ++c) any |= bad(row[c]);  // branch-free, so the loop vectorises
-    if (any)
+    Bits any = 0;  // an OR of 0/1 flags in the element width: branch-free and integer, so the loop vectorises
+    for (int64_t c = 0; c < cols; ++c) any |= static_cast<Bits>(bad(row[c]));
+    if (any != 0)
       for (int64_t c = 0; c < cols; ++c)
         if (bad(row[c])) return r * cols + c;
   }

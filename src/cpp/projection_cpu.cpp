@@ -12,7 +12,9 @@
 namespace attrprims {
 namespace {
 
-const CpuKernelTable& kernels() { return select_cpu_kernels(kCpuKernelsGeneric, AP_AVX2_TABLE(kCpuKernelsAvx2)); }
+const CpuKernelTable& kernels() {
+  return select_cpu_kernels(kCpuKernelsGeneric, AP_AVX2_TABLE(kCpuKernelsAvx2), AP_AVX512_TABLE(kCpuKernelsAvx512));
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -37,10 +39,10 @@ int64_t row_splits(int64_t n, int64_t tiles, int threads) {
 }
 
 /// Forward Rademacher projection by sign tables: per pass over a run of P's rows, the sign bytes of those
-/// rows (shared by all examples), then blocks of 8 examples. Each example's sum runs in the same order
+/// rows (shared by all examples), then blocks of the table's lane count of examples. Each example's sum runs in the same order
 /// whatever the threads or the other rows, so results stay bitwise independent of both.
 void rademacher_by_sign_tables(const ProjectArgs& a, const CpuKernelTable& kt, int threads) {
-  const int64_t k = a.spec.k, blocks = ceil_div(a.n, 8);
+  const int64_t k = a.spec.k, lanes = kt.sign_table_lanes, blocks = ceil_div(a.n, lanes);
   if (a.c == 0) {
     if (!a.accumulate)
       for (int64_t i = 0; i < a.n; ++i) std::memset(a.out + i * a.out_row_stride, 0, sizeof(float) * k);
@@ -57,7 +59,7 @@ void rademacher_by_sign_tables(const ProjectArgs& a, const CpuKernelTable& kt, i
     });
     const bool add = a.accumulate || r0 > 0;
     parallel_for(threads, blocks,
-                 [&](int64_t b) { kt.rademacher_sign_table_block(a, signs.data(), r0, r1, 8 * b, add); });
+                 [&](int64_t b) { kt.rademacher_sign_table_block(a, signs.data(), r0, r1, lanes * b, add); });
   }
 }
 
@@ -122,7 +124,5 @@ void materialize_cpu(const MaterializeArgs& a) {
     kt.materialize(a, u * kRowsPerUnit, std::min(a.c, (u + 1) * kRowsPerUnit));
   });
 }
-
-const char* cpu_kernels_isa() { return kernels().name; }
 
 }  // namespace attrprims

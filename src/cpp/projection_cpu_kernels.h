@@ -23,6 +23,8 @@ constexpr int64_t kCpuSjltTileRows = 1024;
 /// fixed order, so results do not depend on how units are spread over threads.
 struct CpuKernelTable {
   const char* name;
+  /// Examples per rademacher_sign_table_block call (its vector lanes).
+  int64_t sign_table_lanes;
   /// out[i0:i1, j0:j0+kCpuTileCols] for a dense kind.
   void (*dense_forward)(const ProjectArgs& a, int64_t j0, int64_t i0, int64_t i1);
   /// out[i0:i1, r0:r0+kCpuTransposeTileRows] of the transposed product for a dense kind.
@@ -37,7 +39,7 @@ struct CpuKernelTable {
   /// rows; `signs` is [groups, k].
   void (*rademacher_sign_bytes)(const ProjectArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t g1,
                                 uint8_t* signs);
-  /// out[i0:i0+8, :] (+)= the Rademacher projection of x[:, r0:r1] from those rows' sign bytes.
+  /// out[i0:i0+sign_table_lanes, :] (+)= the Rademacher projection of x[:, r0:r1] from those rows' sign bytes.
   void (*rademacher_sign_table_block)(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
                                       int64_t i0, bool add);
 };
@@ -45,6 +47,9 @@ struct CpuKernelTable {
 extern const CpuKernelTable kCpuKernelsGeneric;
 #if defined(ATTRPRIMS_HAVE_AVX2)
 extern const CpuKernelTable kCpuKernelsAvx2;
+#endif
+#if defined(ATTRPRIMS_HAVE_AVX512)
+extern const CpuKernelTable kCpuKernelsAvx512;
 #endif
 
 }  // namespace attrprims

@@ -219,7 +219,7 @@ static void materialize(const MaterializeArgs& a, int64_t r0, int64_t r1) {
 }  // namespace AP_ISA_NS
 
 extern const CpuKernelTable AP_ISA_TABLE = {
-    AP_ISA_NAME,          AP_ISA_NS::dense_forward,  AP_ISA_NS::dense_transpose, AP_ISA_NS::sjlt_forward,
+    AP_ISA_NAME,          AP_ISA_NS::kSignLanes,     AP_ISA_NS::dense_forward,  AP_ISA_NS::dense_transpose, AP_ISA_NS::sjlt_forward,
     AP_ISA_NS::sjlt_transpose, AP_ISA_NS::materialize, AP_ISA_NS::rademacher_sign_bytes,
     AP_ISA_NS::rademacher_sign_table_block,
 };

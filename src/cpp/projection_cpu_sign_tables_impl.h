@@ -3,15 +3,31 @@
 //
 // P has entries ±1/√k, so x @ P needs no multiplications. The signs of 8 consecutive rows of P in one
 // column form a byte, and the signed sum of the matching 8 coordinates of x is one of 256 values. For a
-// block of 8 examples (one v8f lane each) those 256 sums are tabulated once per 8 coordinates (256 adds),
-// after which every output column costs one table load and one add per 8 coordinates: 64 multiply-adds of
-// the GEMM formulation for the price of one vector add. The scale 1/√k is applied once at the end.
+// block of kSignLanes examples (one vector lane each: 8 with AVX2, 16 with AVX-512) those 256 sums are
+// tabulated once per 8 coordinates (256 adds), after which every output column costs one table load and one
+// add per 8 coordinates: 8 · kSignLanes multiply-adds of the GEMM formulation for the price of one vector add.
+// The scale 1/√k is applied once at the end. Every lane sums in the same order whatever the lane count, so all
+// builds give bitwise equal results.
 
 namespace attrprims {
 namespace AP_ISA_NS {
 
 constexpr int64_t kSignGroup = 8;    // rows of P (coordinates of x) per sign byte
-constexpr int64_t kTableGroups = 4;  // sign bytes whose tables are held together (4 x 8 KiB, L1-sized)
+#if defined(__AVX512F__)
+typedef float vsign __attribute__((vector_size(64)));
+constexpr int64_t kSignLanes = 16;   // examples per block, one per lane
+constexpr int64_t kTableGroups = 4;  // sign bytes whose tables are held together (4 x 16 KiB: L2, but fewer passes over the accumulators than 2)
+#else
+typedef v8f vsign;
+constexpr int64_t kSignLanes = 8;
+constexpr int64_t kTableGroups = 4;  // 4 x 8 KiB
+#endif
+
+static inline vsign load_sign_lanes(const float* p) {
+  vsign v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 /// Transpose of an 8x8 bit matrix held as bit 8i+j = element (i, j) (Hacker's Delight, transpose8).
 static inline uint64_t transpose_bits8(uint64_t x) {
@@ -55,11 +71,13 @@ static void rademacher_sign_bytes(const ProjectArgs& a, int64_t r0, int64_t r1, 
   }
 }
 
-/// table[m] = Σ_t (bit t of m ? -x_t : x_t) for the 8 coordinate vectors x[0..7] (8 examples each).
-static void build_sign_table(const float* x, v8f* table) {
-  v8f lo[16], hi[16];
-  const v8f x0 = load8(x), x1 = load8(x + 8), x2 = load8(x + 16), x3 = load8(x + 24);
-  const v8f x4 = load8(x + 32), x5 = load8(x + 40), x6 = load8(x + 48), x7 = load8(x + 56);
+/// table[m] = Σ_t (bit t of m ? -x_t : x_t) for the 8 coordinate vectors x[0..7] (kSignLanes examples each).
+static void build_sign_table(const float* x, vsign* table) {
+  constexpr int64_t L = kSignLanes;
+  vsign lo[16], hi[16];
+  const vsign x0 = load_sign_lanes(x), x1 = load_sign_lanes(x + L), x2 = load_sign_lanes(x + 2 * L);
+  const vsign x3 = load_sign_lanes(x + 3 * L), x4 = load_sign_lanes(x + 4 * L), x5 = load_sign_lanes(x + 5 * L);
+  const vsign x6 = load_sign_lanes(x + 6 * L), x7 = load_sign_lanes(x + 7 * L);
   for (int m = 0; m < 16; ++m) {
     lo[m] = ((m & 1) ? -x0 : x0) + ((m & 2) ? -x1 : x1) + (((m & 4) ? -x2 : x2) + ((m & 8) ? -x3 : x3));
     hi[m] = ((m & 1) ? -x4 : x4) + ((m & 2) ? -x5 : x5) + (((m & 4) ? -x6 : x6) + ((m & 8) ? -x7 : x7));
@@ -68,32 +86,33 @@ static void build_sign_table(const float* x, v8f* table) {
     for (int l = 0; l < 16; ++l) table[16 * h + l] = hi[h] + lo[l];
 }
 
-/// out[i0:i0+8, :] = (add ? out + : ) (1/√k) · x[i0:i0+8, r0:r1] @ sign(P[offset+r0 : offset+r1, :]),
-/// from the sign bytes of rows r0..r1 (rows past n are skipped).
+/// out[i0:i0+L, :] = (add ? out + : ) (1/√k) · x[i0:i0+L, r0:r1] @ sign(P[offset+r0 : offset+r1, :]) for
+/// L = kSignLanes, from the sign bytes of rows r0..r1 (rows past n are skipped).
 static void rademacher_sign_table_block(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
                                         int64_t i0, bool add) {
-  const int64_t k = a.spec.k, lanes = min64(8, a.n - i0), groups = (r1 - r0 + kSignGroup - 1) / kSignGroup;
-  Buffer<v8f> acc(k), table(kTableGroups * 256);
-  std::memset(static_cast<void*>(acc.p), 0, sizeof(v8f) * static_cast<size_t>(k));
-  alignas(32) float xt[kTableGroups * kSignGroup * 8];  // xt[8 * t + lane] = x[i0 + lane, coordinate t]
+  constexpr int64_t L = kSignLanes;
+  const int64_t k = a.spec.k, lanes = min64(L, a.n - i0), groups = (r1 - r0 + kSignGroup - 1) / kSignGroup;
+  Buffer<vsign> acc(k), table(kTableGroups * 256);
+  std::memset(static_cast<void*>(acc.p), 0, sizeof(vsign) * static_cast<size_t>(k));
+  alignas(64) float xt[kTableGroups * kSignGroup * L];  // xt[L * t + lane] = x[i0 + lane, coordinate t]
   for (int64_t g0 = 0; g0 < groups; g0 += kTableGroups) {
     const int64_t ng = min64(kTableGroups, groups - g0);
     for (int64_t t = 0; t < ng * kSignGroup; ++t) {
       const int64_t r = r0 + kSignGroup * g0 + t;
-      for (int64_t lane = 0; lane < 8; ++lane)
-        xt[8 * t + lane] =
+      for (int64_t lane = 0; lane < L; ++lane)
+        xt[L * t + lane] =
             lane < lanes && r < r1 ? load_as_float(a.in, a.in_dtype, (i0 + lane) * a.in_row_stride + r) : 0.0f;
     }
-    for (int64_t g = 0; g < ng; ++g) build_sign_table(xt + 64 * g, table.p + 256 * g);
+    for (int64_t g = 0; g < ng; ++g) build_sign_table(xt + kSignGroup * L * g, table.p + 256 * g);
     const uint8_t* sg = signs + g0 * k;
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
-      v8f s0 = acc.p[j], s1 = acc.p[j + 1], s2 = acc.p[j + 2], s3 = acc.p[j + 3];
-      v8f s4 = acc.p[j + 4], s5 = acc.p[j + 5], s6 = acc.p[j + 6], s7 = acc.p[j + 7];
+      vsign s0 = acc.p[j], s1 = acc.p[j + 1], s2 = acc.p[j + 2], s3 = acc.p[j + 3];
+      vsign s4 = acc.p[j + 4], s5 = acc.p[j + 5], s6 = acc.p[j + 6], s7 = acc.p[j + 7];
       for (int64_t g = 0; g < ng; ++g) {
         uint64_t b;
         std::memcpy(&b, sg + g * k + j, 8);
-        const v8f* t = table.p + 256 * g;
+        const vsign* t = table.p + 256 * g;
         s0 += t[b & 255];
         s1 += t[(b >> 8) & 255];
         s2 += t[(b >> 16) & 255];

@@ -18,7 +18,4 @@ void project_transpose_cpu(const ProjectArgs& args);
 /// out [c, k] = P[offset:offset+c, :], exactly.
 void materialize_cpu(const MaterializeArgs& args);
 
-/// Name of the instruction set the CPU kernels run with on this machine ("avx2+fma" or "generic").
-const char* cpu_kernels_isa();
-
 }  // namespace attrprims
