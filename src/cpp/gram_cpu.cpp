@@ -61,10 +61,11 @@ struct Unit {
   int64_t q, i0, i1;  // column panel and rows [i0, i1) of G
 };
 
-/// Work units covering the lower triangle: for each column panel, its rows from the tile holding the diagonal down.
-std::vector<Unit> lower_triangle_units(int64_t k) {
+/// Work units covering the lower triangle: for each run of `panels` column panels, its rows from the tile holding
+/// the diagonal of the first down.
+std::vector<Unit> lower_triangle_units(int64_t k, int64_t panels) {
   std::vector<Unit> units;
-  for (int64_t q = 0; q * kGramPanel < k; ++q)
+  for (int64_t q = 0; q * kGramPanel < k; q += panels)
     for (int64_t i0 = q * kGramPanel / kGramTileRows * kGramTileRows; i0 < k; i0 += kRowsPerUnit)
       units.push_back({q, i0, std::min(k, i0 + kRowsPerUnit)});
   return units;
@@ -95,7 +96,7 @@ void gram_update_cpu(const GramUpdateArgs& a) {
   const int64_t rows_cap = std::min(max_depth, a.b);
   std::vector<double> cols(static_cast<size_t>(col_panels * kGramPanel * rows_cap));
   std::vector<double> rows(static_cast<size_t>(row_panels * kGramTileRows * rows_cap));
-  const std::vector<Unit> units = lower_triangle_units(a.k);
+  const std::vector<Unit> units = lower_triangle_units(a.k, kt.panels_per_unit);
   const int threads = std::max(1, a.num_threads);
   for (int64_t r0 = 0; r0 < a.b; r0 += max_depth) {
     const int64_t depth = std::min(max_depth, a.b - r0);

@@ -21,7 +21,10 @@ struct GramPacked {
 /// Work units over raw pointers.
 struct GramCpuKernelTable {
   const char* name;
-  /// G[i0:i1, 8q:8q+8] += the packed rows' products, i0 a multiple of kGramTileRows; entries outside G skipped.
+  /// Column panels a unit covers (1, or 2 for AVX-512).
+  int64_t panels_per_unit;
+  /// G[i0:i1, 8q : 8(q + panels_per_unit)] += the packed rows' products, i0 a multiple of kGramTileRows; entries
+  /// outside G skipped.
   void (*tiles)(const GramUpdateArgs& a, const GramPacked& p, int64_t q, int64_t i0, int64_t i1);
 };
 
