@@ -105,6 +105,35 @@ def bench_parser(doc, quick_help, *, cuda=True):
     return ap
 
 
+def other_cpu_builds(device):
+    """The CPU kernel builds this machine can run besides the one in use (none on CUDA), for side-by-side rows."""
+    import attrprims
+
+    if device.type != "cpu":
+        return []
+    info = attrprims.build_info()
+    return [isa for isa in info["cpu_kernels_supported"] if isa != info["cpu_kernels"]]
+
+
+def under_cpu_build(isa, fn):
+    """fn, run with the CPU kernels' build `isa` (attrprims.set_cpu_kernels), the previous one restored after."""
+    import attrprims
+
+    def run():
+        previous = attrprims.set_cpu_kernels(isa)
+        try:
+            return fn()
+        finally:
+            attrprims.set_cpu_kernels(previous)
+
+    return run
+
+
+def build_times(med, builds, key, best):
+    """'avx512 4.1 / avx2 6.4 / generic 18.2' ms from med[(key, isa)] (seconds) for the other builds and `best`."""
+    return " / ".join([f"{best} {med[key] * 1e3:.2f}"] + [f"{isa} {med[(key, isa)] * 1e3:.2f}" for isa in builds])
+
+
 def bench_setup(args):
     """Apply --threads and resolve --device: (device, machine_info(), slug for the result file names)."""
     torch.set_num_threads(args.threads)

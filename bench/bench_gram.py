@@ -14,10 +14,11 @@ import torch
 import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import bench_parser, bench_setup, time_cpu_many, time_cuda, write_results  # noqa: E402
+from _timing import (  # noqa: E402
+    bench_parser, bench_setup, build_times, other_cpu_builds, time_cpu_many, time_cuda, under_cpu_build, write_results)
 
 COLUMNS = ["n", "k", "b", "input", "ours_acc", "ours_ms", "ours_GFLOP/s", "torch_fp64_ms", "torch_fp32_ms",
-           "x_vs_torch_fp64", "x_vs_torch_fp32", "rel_err", "torch_fp32_rel_err"]
+           "x_vs_torch_fp64", "x_vs_torch_fp32", "rel_err", "torch_fp32_rel_err", "ours_ms by CPU build"]
 
 
 def shapes(device, quick):
@@ -36,6 +37,7 @@ def main():
     args = bench_parser(__doc__, "small shapes (a smoke test)").parse_args()
     device, info, slug = bench_setup(args)
     inputs = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    builds, best = other_cpu_builds(device), info["attrprims"]["cpu_kernels"]
     rows = []
     for n, k, b in shapes(args.device, args.quick):
         for dtype in inputs:
@@ -57,6 +59,7 @@ def main():
                 outs[f"torch_{mm_dtype}"] = g
 
             fns["ours"] = ours
+            fns.update({("ours", isa): under_cpu_build(isa, ours) for isa in builds})
             fns["fp64"] = lambda: torch_sum(torch.float64)
             fns["fp32"] = lambda: torch_sum(torch.float32)
             if device.type == "cuda":
@@ -73,6 +76,7 @@ def main():
                 "x_vs_torch_fp64": med["fp64"] / med["ours"], "x_vs_torch_fp32": med["fp32"] / med["ours"],
                 "rel_err": rel_err(outs["ours"].finalize(), ref),
                 "torch_fp32_rel_err": rel_err(outs["torch_torch.float32"], ref),
+                "ours_ms by CPU build": build_times(med, builds, "ours", best) if builds else None,
             })
             print(rows[-1], flush=True)
     notes = [
@@ -83,6 +87,8 @@ def main():
         "(fp32 sums within a batch: faster where fp32 GEMM is, less accurate, see torch_fp32_rel_err).",
         "rel_err: max |G - G_torch_fp64| / max |G_torch_fp64|. GFLOP/s count 2·n·k² for every column.",
         f"{args.threads} torch threads; medians of >= 3 round-robin calls (CPU) or 5 CUDA-event timings.",
+        "ours_ms by CPU build: the same update with each build of the CPU kernels this machine runs "
+        "(attrprims.set_cpu_kernels), timed in the same round-robin; ours_ms is the default (the best).",
     ]
     name = "gram-quick" if args.quick else "gram"
     write_results(name, slug, rows, COLUMNS, info, notes)

@@ -17,14 +17,15 @@ import attrprims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
-    bench_parser, bench_setup, cpu_jiffies, free_bytes, time_cpu_many, time_cuda, write_results)
+    bench_parser, bench_setup, build_times, cpu_jiffies, free_bytes, other_cpu_builds, time_cpu_many, time_cuda,
+    under_cpu_build, write_results)
 
 SEED = 20240
 KINDS = ("rademacher", "gaussian", "sjlt")
 TRAKER_TYPE = {"rademacher": "rademacher", "gaussian": "normal"}  # traker has no sparse kind
 CHECK_ROWS, CHECK_COLS = 2, 4096
 COLUMNS = ["kind", "n", "p", "k", "dtype", "ours ms", "ours GFLOP/s", "matmul ms", "speed vs matmul", "traker ms",
-           "speedup vs traker", "rel err (ref)"]
+           "speedup vs traker", "rel err (ref)", "ours ms by CPU build"]
 
 
 def shapes(device, quick):
@@ -153,6 +154,7 @@ def main():
     peer = Peer(device, args.peer_max_s) if args.peers == "on" else None
     dense, ns, big, halves = shapes(args.device, args.quick)
     gen = torch.Generator(device=device).manual_seed(0)
+    builds, best = other_cpu_builds(device), info["attrprims"]["cpu_kernels"]
     rows, checks, started, steal0 = [], [], time.perf_counter(), cpu_jiffies()[1:]
 
     def measure(x, k, kinds, dtype, P=None, x_mm=None, matmul_text=None, peer_on=True):
@@ -161,6 +163,7 @@ def main():
         outs, fns, peer_cells = {}, {}, {}
         for kind in kinds:
             fns[kind] = lambda kind=kind: outs.__setitem__(kind, attrprims.project(x, k, seed=SEED, kind=kind))
+            fns.update({(kind, isa): under_cpu_build(isa, fns[kind]) for isa in builds})
         if P is not None:
             fns["matmul"] = lambda: outs.__setitem__("matmul", torch.matmul(x_mm, P))
         for kind in kinds:
@@ -196,6 +199,7 @@ def main():
                    "matmul ms": mm_cell, "speed vs matmul": f"{t_mm / t:.2f}x" if t_mm else "",
                    "traker ms": peer_cells[kind], "speedup vs traker": f"{t_peer / t:.1f}x" if t_peer else "",
                    "rel err (ref)": f"{err:.1e}" + ("" if err < 1e-4 else " FAIL"),
+                   "ours ms by CPU build": build_times(med, builds, kind, best) if builds else None,
                    "p_int": p, "ours_s": t, "ours_min_max_s": [min(samples[kind]), max(samples[kind])],
                    "ours_calls": len(samples[kind]), "matmul_s": t_mm, "traker_s": t_peer, "ref_rel_err": err}
             rows.append(row)
@@ -264,6 +268,8 @@ def main():
         "matmul = torch.matmul(x, P) with a float32 P [p, k] made once outside the timing (attrprims' rademacher P: "
         "the GEMM ceiling for a stored matrix; the same time on the three kind rows of a shape); speed vs matmul = "
         "matmul time / ours time (> 1: ours faster). Half-precision rows: x fp16/bf16 for ours, fp32 x for matmul.",
+        "ours ms by CPU build: the same call with each build of the CPU kernels this machine runs "
+        "(attrprims.set_cpu_kernels), in the same round-robin; ours ms is the default (the best).",
         f"rel err (ref) = ||ours - ref|| / ||ref|| on x[:{CHECK_ROWS}, :{CHECK_COLS}], ref = x.double() @ "
         "Projector(p, k, seed, kind).matrix().double() (FAIL above 1e-4).",
         f"Full-size check: ours (rademacher) against the matmul output on all {len(checks)} dense (n, p, k): "

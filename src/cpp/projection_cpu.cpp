@@ -39,10 +39,13 @@ int64_t row_splits(int64_t n, int64_t tiles, int threads) {
 }
 
 /// Forward Rademacher projection by sign tables: per pass over a run of P's rows, the sign bytes of those
-/// rows (shared by all examples), then blocks of the table's lane count of examples. Each example's sum runs in the same order
-/// whatever the threads or the other rows, so results stay bitwise independent of both.
+/// rows (shared by all examples), then blocks of the table's lane count of examples, split into runs of columns
+/// when there are fewer blocks than threads. Each output's sum runs in the same order whatever the threads, the
+/// column runs or the other rows, so results stay bitwise independent of all three.
 void rademacher_by_sign_tables(const ProjectArgs& a, const CpuKernelTable& kt, int threads) {
   const int64_t k = a.spec.k, lanes = kt.sign_table_lanes, blocks = ceil_div(a.n, lanes);
+  // Fewer blocks of examples than threads: split the columns too (each split builds its own tables).
+  const int64_t splits = blocks >= threads ? 1 : std::min(ceil_div(threads, blocks), k / 64);
   if (a.c == 0) {
     if (!a.accumulate)
       for (int64_t i = 0; i < a.n; ++i) std::memset(a.out + i * a.out_row_stride, 0, sizeof(float) * k);
@@ -58,8 +61,11 @@ void rademacher_by_sign_tables(const ProjectArgs& a, const CpuKernelTable& kt, i
       kt.rademacher_sign_bytes(a, r0, r1, groups * u / units, groups * (u + 1) / units, signs.data());
     });
     const bool add = a.accumulate || r0 > 0;
-    parallel_for(threads, blocks,
-                 [&](int64_t b) { kt.rademacher_sign_table_block(a, signs.data(), r0, r1, lanes * b, add); });
+    parallel_for(threads, blocks * splits, [&](int64_t u) {
+      const int64_t b = u / splits, s = u % splits;
+      const int64_t j0 = s == 0 ? 0 : k * s / splits / 8 * 8, j1 = s + 1 == splits ? k : k * (s + 1) / splits / 8 * 8;
+      kt.rademacher_sign_table_block(a, signs.data(), r0, r1, lanes * b, j0, j1, add);
+    });
   }
 }
 

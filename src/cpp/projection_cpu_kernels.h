@@ -39,9 +39,9 @@ struct CpuKernelTable {
   /// rows; `signs` is [groups, k].
   void (*rademacher_sign_bytes)(const ProjectArgs& a, int64_t r0, int64_t r1, int64_t g0, int64_t g1,
                                 uint8_t* signs);
-  /// out[i0:i0+sign_table_lanes, :] (+)= the Rademacher projection of x[:, r0:r1] from those rows' sign bytes.
+  /// out[i0:i0+sign_table_lanes, j0:j1] (+)= the Rademacher projection of x[:, r0:r1] from those rows' sign bytes.
   void (*rademacher_sign_table_block)(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
-                                      int64_t i0, bool add);
+                                      int64_t i0, int64_t j0, int64_t j1, bool add);
 };
 
 extern const CpuKernelTable kCpuKernelsGeneric;

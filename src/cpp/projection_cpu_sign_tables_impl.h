@@ -86,14 +86,15 @@ static void build_sign_table(const float* x, vsign* table) {
     for (int l = 0; l < 16; ++l) table[16 * h + l] = hi[h] + lo[l];
 }
 
-/// out[i0:i0+L, :] = (add ? out + : ) (1/√k) · x[i0:i0+L, r0:r1] @ sign(P[offset+r0 : offset+r1, :]) for
+/// out[i0:i0+L, j0:j1] = (add ? out + : ) (1/√k) · x[i0:i0+L, r0:r1] @ sign(P[offset+r0 : offset+r1, j0:j1]) for
 /// L = kSignLanes, from the sign bytes of rows r0..r1 (rows past n are skipped).
 static void rademacher_sign_table_block(const ProjectArgs& a, const uint8_t* signs, int64_t r0, int64_t r1,
-                                        int64_t i0, bool add) {
+                                        int64_t i0, int64_t j0, int64_t j1, bool add) {
   constexpr int64_t L = kSignLanes;
-  const int64_t k = a.spec.k, lanes = min64(L, a.n - i0), groups = (r1 - r0 + kSignGroup - 1) / kSignGroup;
-  Buffer<vsign> acc(k), table(kTableGroups * 256);
-  std::memset(static_cast<void*>(acc.p), 0, sizeof(vsign) * static_cast<size_t>(k));
+  const int64_t k = a.spec.k, width = j1 - j0, lanes = min64(L, a.n - i0);
+  const int64_t groups = (r1 - r0 + kSignGroup - 1) / kSignGroup;
+  Buffer<vsign> acc(width), table(kTableGroups * 256);  // acc[j] holds column j0 + j
+  std::memset(static_cast<void*>(acc.p), 0, sizeof(vsign) * static_cast<size_t>(width));
   alignas(64) float xt[kTableGroups * kSignGroup * L];  // xt[L * t + lane] = x[i0 + lane, coordinate t]
   for (int64_t g0 = 0; g0 < groups; g0 += kTableGroups) {
     const int64_t ng = min64(kTableGroups, groups - g0);
@@ -104,9 +105,9 @@ static void rademacher_sign_table_block(const ProjectArgs& a, const uint8_t* sig
             lane < lanes && r < r1 ? load_as_float(a.in, a.in_dtype, (i0 + lane) * a.in_row_stride + r) : 0.0f;
     }
     for (int64_t g = 0; g < ng; ++g) build_sign_table(xt + kSignGroup * L * g, table.p + 256 * g);
-    const uint8_t* sg = signs + g0 * k;
+    const uint8_t* sg = signs + g0 * k + j0;
     int64_t j = 0;
-    for (; j + 8 <= k; j += 8) {
+    for (; j + 8 <= width; j += 8) {
       vsign s0 = acc.p[j], s1 = acc.p[j + 1], s2 = acc.p[j + 2], s3 = acc.p[j + 3];
       vsign s4 = acc.p[j + 4], s5 = acc.p[j + 5], s6 = acc.p[j + 6], s7 = acc.p[j + 7];
       for (int64_t g = 0; g < ng; ++g) {
@@ -125,13 +126,13 @@ static void rademacher_sign_table_block(const ProjectArgs& a, const uint8_t* sig
       acc.p[j] = s0, acc.p[j + 1] = s1, acc.p[j + 2] = s2, acc.p[j + 3] = s3;
       acc.p[j + 4] = s4, acc.p[j + 5] = s5, acc.p[j + 6] = s6, acc.p[j + 7] = s7;
     }
-    for (; j < k; ++j)
+    for (; j < width; ++j)
       for (int64_t g = 0; g < ng; ++g) acc.p[j] += table.p[256 * g + sg[g * k + j]];
   }
   const float scale = dense_scale(k);
   for (int64_t lane = 0; lane < lanes; ++lane) {
-    float* o = a.out + (i0 + lane) * a.out_row_stride;
-    for (int64_t jj = 0; jj < k; ++jj) {
+    float* o = a.out + (i0 + lane) * a.out_row_stride + j0;
+    for (int64_t jj = 0; jj < width; ++jj) {
       const float v = acc.p[jj][lane] * scale;
       o[jj] = add ? o[jj] + v : v;
     }
