@@ -1,8 +1,8 @@
 """attrprims: fast, composable primitives for training-data attribution.
 
 Primitives take and return torch tensors and run compiled C++ (CPU) or CUDA kernels; methods and metrics
-are composed from them. `build_info()` says what was built, `cuda_available()` whether CUDA kernels can run, `set_cpu_kernels` picks
-the CPU kernels' instruction set.
+are composed from them. `build_info()` says what was built, `cuda_available()` whether CUDA kernels can run,
+`set_cpu_kernels()` which instruction set the CPU kernels use.
 """
 
 from ._backend import CudaStatus, build_info, cuda_available, set_cpu_kernels

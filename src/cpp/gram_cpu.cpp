@@ -23,27 +23,17 @@ constexpr int64_t kRowsPerUnit = 96;            // rows of G per work unit (16 m
 
 std::string got(int64_t v) { return ", got " + std::to_string(v); }
 
-/// dst[0:n] = double(src[0:n]) for n elements of dtype dt.
-template <typename Convert>
-void convert_run(const void* src, int64_t n, double* dst, Convert convert) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = convert(src, c);
-}
-
+/// dst[0:n] = the n elements of dtype dt from base[idx], as doubles (the dtype is looked at once per run).
 void load_doubles(const void* base, DType dt, int64_t idx, int64_t n, double* dst) {
+  const uint16_t* halves = static_cast<const uint16_t*>(base) + idx;
   switch (dt) {
-    case DType::f64:
-      std::copy_n(static_cast<const double*>(base) + idx, n, dst);
-      return;
-    case DType::f32:
-      std::copy_n(static_cast<const float*>(base) + idx, n, dst);
-      return;
+    case DType::f64: std::copy_n(static_cast<const double*>(base) + idx, n, dst); return;
+    case DType::f32: std::copy_n(static_cast<const float*>(base) + idx, n, dst); return;
     case DType::f16:
-      convert_run(static_cast<const uint16_t*>(base) + idx, n, dst,
-                  [](const void* p, int64_t c) { return double(f16_bits_to_float(static_cast<const uint16_t*>(p)[c])); });
+      for (int64_t c = 0; c < n; ++c) dst[c] = f16_bits_to_float(halves[c]);
       return;
     default:
-      convert_run(static_cast<const uint16_t*>(base) + idx, n, dst,
-                  [](const void* p, int64_t c) { return double(bf16_bits_to_float(static_cast<const uint16_t*>(p)[c])); });
+      for (int64_t c = 0; c < n; ++c) dst[c] = bf16_bits_to_float(halves[c]);
   }
 }
 

@@ -85,14 +85,17 @@ PYBIND11_MODULE(_core, m) {
       "set_cpu_kernels",
       [](const std::string& name) {
         const char* previous = cpu_isa_name(cpu_isa_active());
+        std::string names;
         for (int level = 0; level <= static_cast<int>(cpu_isa_supported()); ++level) {
-          if (name == cpu_isa_name(static_cast<CpuIsa>(level))) {
+          const char* level_name = cpu_isa_name(static_cast<CpuIsa>(level));
+          if (name == level_name) {
             set_cpu_isa(static_cast<CpuIsa>(level));
             return previous;
           }
+          names += (level ? ", " : "") + std::string(level_name);
         }
-        throw py::value_error("isa: expected one of the instruction sets this build can run here (see "
-                              "cpu_kernels_supported()), got '" + name + "'");
+        throw py::value_error("isa: expected one of " + names + " (what this build runs on this CPU), got '" + name +
+                              "'");
       },
       py::arg("isa"), "run the CPU kernels with `isa` from now on; returns the one used before");
   m.def(
