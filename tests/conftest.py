@@ -32,6 +32,18 @@ def device(request):
     return torch.device(request.param)
 
 
+def each_cpu_build(fn):
+    """[fn() under each CPU kernel build this machine runs], lowest first; the build in use before is restored."""
+    results = []
+    for isa in attrprims.build_info()["cpu_kernels_supported"]:
+        previous = attrprims.set_cpu_kernels(isa)
+        try:
+            results.append(fn())
+        finally:
+            attrprims.set_cpu_kernels(previous)
+    return results
+
+
 @pytest.fixture(params=attrprims.build_info()["cpu_kernels_supported"])
 def cpu_isa(request):
     """The test runs under each CPU kernel build this machine can run (generic, avx2, avx512); the one in use

@@ -6,11 +6,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import attrprims
 import reference
 from attrprims import GramAccumulator
 from attrprims.gram import FeatureGram
-from conftest import CUDA_TENSOR_CORE_TOL
+from conftest import CUDA_TENSOR_CORE_TOL, each_cpu_build
 from strategies import splits
 
 INPUTS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -71,16 +70,9 @@ def test_cpu_builds_agree_bitwise(b, k, seed):
     """One fused multiply-add per row in every SIMD build, in the same order: the same bits from AVX2 and AVX-512
     (and from the generic build for float32 input, whose products are exact in float64)."""
     x = features(b, k, seed=seed)
-    builds = attrprims.build_info()["cpu_kernels_supported"]
-    results = []
-    for isa in builds:
-        previous = attrprims.set_cpu_kernels(isa)
-        try:
-            results.append(GramAccumulator(k).update(x).finalize())
-        finally:
-            attrprims.set_cpu_kernels(previous)
-    for isa, g in zip(builds, results):
-        assert torch.equal(g, results[0]), isa
+    results = each_cpu_build(lambda: GramAccumulator(k).update(x).finalize())
+    for g in results[1:]:
+        assert torch.equal(g, results[0])
 
 
 def test_large_k_crosses_tiles(device):

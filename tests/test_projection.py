@@ -8,12 +8,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import attrprims
 import reference
 import strategies
 from attrprims import Projector, _core, project, project_transpose
 from attrprims._backend import cuda_module, cuda_available
-from conftest import CUDA_TENSOR_CORE_TOL, SIZES, TOL
+from conftest import CUDA_TENSOR_CORE_TOL, SIZES, TOL, each_cpu_build
 
 KINDS = ["rademacher", "gaussian", "sjlt"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -140,13 +139,7 @@ def test_every_cpu_build(cpu_isa, kind, n, k):
 def test_cpu_builds_agree_bitwise(seed, n, c, k):
     """The Rademacher sign tables sum every example's terms in the same order whatever the build: same bits."""
     x = torch.randn(n, c, generator=torch.Generator().manual_seed(seed))
-    results = []
-    for isa in attrprims.build_info()["cpu_kernels_supported"]:
-        previous = attrprims.set_cpu_kernels(isa)
-        try:
-            results.append(project(x, k, seed=seed, kind="rademacher"))
-        finally:
-            attrprims.set_cpu_kernels(previous)
+    results = each_cpu_build(lambda: project(x, k, seed=seed, kind="rademacher"))
     for out in results[1:]:
         assert torch.equal(out, results[0])
 
