@@ -84,6 +84,11 @@ class GroupRows:
         return padded.reshape(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2:])
 
 
+def per_group(values: torch.Tensor, rows: GroupRows | None) -> torch.Tensor:
+    """Per-example values [n, ...] as they are, or their per-group sums [count, ...] when `rows` is given."""
+    return values if rows is None else rows.sum(values)
+
+
 class Groups:
     """A training set's group ids as the methods read them, batch by batch in loader order.
 
@@ -102,8 +107,7 @@ class Groups:
         """(the groups of rows start..start+size [s], their ids renumbered 0..s-1 [size])."""
         if start + size > self.ids.shape[0]:
             raise ValueError(f"{argument}: yields more rows than groups has ids ({self.ids.shape[0]})")
-        used, local = torch.unique(self.ids[start:start + size], return_inverse=True)
-        return used, local
+        return torch.unique(self.ids[start:start + size], return_inverse=True)
 
     def check_end(self, rows: int, argument: str) -> None:
         if rows != self.ids.shape[0]:

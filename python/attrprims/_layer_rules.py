@@ -21,17 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import kernel_float
+from ._group_rows import per_group
 from .factored_projection import project_factored
 
 
 def _tokens(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
     """[n, T, width] view (or copy) of a batch-first activation with `width` as its last dimension."""
     return t.reshape(n, -1, width)
-
-
-def _per_row(values: torch.Tensor, rows) -> torch.Tensor:
-    """Per-example values [n, ...], or their per-group sums when `rows` (a GroupRows) is given."""
-    return values if rows is None else rows.sum(values)
 
 
 class _LinearRule:
@@ -46,9 +42,9 @@ class _LinearRule:
                 d_g, x_g = rows.concat(d, 1), rows.concat(x, 1)
                 yield "weight", 0, torch.bmm(d_g.transpose(1, 2), x_g).reshape(rows.count, -1)
             else:
-                yield "weight", 0, _per_row(torch.bmm(d.transpose(1, 2), x).reshape(n, -1), rows)
+                yield "weight", 0, per_group(torch.bmm(d.transpose(1, 2), x).reshape(n, -1), rows)
         if "bias" in wanted:
-            yield "bias", 0, _per_row(d.sum(1), rows)
+            yield "bias", 0, per_group(d.sum(1), rows)
 
     @staticmethod
     def project_weight(m: nn.Linear, a, delta, n, p_out, p_in):
@@ -78,9 +74,9 @@ class _Conv2dRule:
                 d_g, u_g = rows.concat(d, 3), rows.concat(u, 3)
                 yield "weight", 0, torch.einsum("ngol,ngil->ngoi", d_g, u_g).reshape(rows.count, -1)
             else:
-                yield "weight", 0, _per_row(torch.einsum("ngol,ngil->ngoi", d, u).reshape(n, -1), rows)
+                yield "weight", 0, per_group(torch.einsum("ngol,ngil->ngoi", d, u).reshape(n, -1), rows)
         if "bias" in wanted:
-            yield "bias", 0, _per_row(d.sum(3).reshape(n, -1), rows)
+            yield "bias", 0, per_group(d.sum(3).reshape(n, -1), rows)
 
     @staticmethod
     def project_weight(m: nn.Conv2d, a, delta, n, p_out, p_in):
@@ -116,7 +112,7 @@ class _EmbeddingRule:
         width = m.embedding_dim
         grads = d.new_zeros(n, used.numel(), width)
         grads.scatter_add_(1, inverse.unsqueeze(-1).expand(-1, -1, width), d)
-        grads = _per_row(grads, rows)
+        grads = per_group(grads, rows)
         # Consecutive ids are contiguous rows of the weight: one piece per run.
         used = used.tolist()
         start = 0
@@ -147,9 +143,9 @@ class _NormRule:
         width = (m.weight if m.weight is not None else m.bias).numel()
         shape, axis = ((n, -1, width), 1) if self.trailing else ((n, width, -1), 2)
         if "weight" in wanted:
-            yield "weight", 0, _per_row((delta * self.normalize(m, a)).reshape(shape).sum(axis), rows)
+            yield "weight", 0, per_group((delta * self.normalize(m, a)).reshape(shape).sum(axis), rows)
         if "bias" in wanted:
-            yield "bias", 0, _per_row(delta.reshape(shape).sum(axis), rows)
+            yield "bias", 0, per_group(delta.reshape(shape).sum(axis), rows)
 
 
 def _batch_norm_x_hat(m, a):

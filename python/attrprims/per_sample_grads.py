@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ._batches import batch_size, model_args, requiring_grad
 from ._checks import all_finite, kernel_float
-from ._group_rows import GroupRows, group_ids
+from ._group_rows import GroupRows, group_ids, per_group
 from ._layer_rules import rule_for, uses_batch_statistics
 from .factored_projector import FactoredProjector
 from .param_layout import ParamLayout, param_layout
@@ -80,7 +80,7 @@ def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path=
     rows = _group_rows(groups, n, device)
     r = n if rows is None else rows.count
     if path == "generic":
-        grads = {name: _per_group(g, rows) for name, g in
+        grads = {name: per_group(g, rows) for name, g in
                  _vmap_grads(model, output_fn, batch, inputs, layout.names, n).items()}
         _check_finite_rows(r, grads.values(), rows)
         if flat:
@@ -95,7 +95,7 @@ def per_sample_grads(model, output_fn, batch, *, params=None, inputs=None, path=
 
     rest = _layer_pass(model, output_fn, batch, inputs, layout, n, add, None, fallback, rows)
     for name, g in _vmap_grads(model, output_fn, batch, inputs, rest, n).items():
-        add(name, 0, _per_group(_rows(g), rows))
+        add(name, 0, per_group(_rows(g), rows))
     _check_finite_rows(r, [buffer], rows)
     if flat:
         return buffer
@@ -151,7 +151,7 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
 
     def add_weight(name, rule, module, a, delta):
         p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
-        out.add_(_per_group(rule.project_weight(module, a, delta, n, p_out, p_in), rows))
+        out.add_(per_group(rule.project_weight(module, a, delta, n, p_out, p_in), rows))
 
     rest = layout.names
     if path == "layer":
@@ -164,9 +164,9 @@ def project_grads(model, output_fn, batch, projector, *, params=None, inputs=Non
             if name in kronecker:  # a weight matrix whose layer the layer path could not handle
                 p_out, p_in = projector.factors(layout.offset(name), *kronecker[name], device)
                 g = g.float().reshape(n, *kronecker[name])
-                out.add_(_per_group(_rows(p_out.T @ g @ p_in), rows))
+                out.add_(per_group(_rows(p_out.T @ g @ p_in), rows))
             else:
-                add(name, 0, _per_group(_rows(g), rows))
+                add(name, 0, per_group(_rows(g), rows))
     if stage is not None:
         dense(stage, 0, out=out, accumulate=True)
     _check_finite_rows(r, [out], rows)
@@ -196,10 +196,6 @@ def _group_rows(groups, n: int, device) -> GroupRows | None:
         return None
     ids, count = group_ids(groups, n, every_id=False)
     return GroupRows(ids.to(device), count)
-
-
-def _per_group(g: torch.Tensor, rows: GroupRows | None) -> torch.Tensor:
-    return g if rows is None else rows.sum(g)
 
 
 def _rows(g: torch.Tensor) -> torch.Tensor:
